@@ -1,0 +1,173 @@
+"""``vmied``: convert and inspect disk images (qemu-img's shape), and run the service.
+
+Exit codes a script can rely on: 0 success, 1 unexpected failure, 2 usage error, 3 image refused
+(corrupt, hostile or unsupported: the message names why), 4 storage error (cannot read the source
+or write the destination), 130 cancelled (nothing partial is left behind).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from . import __version__
+from .convert import convert
+from .errors import Cancelled, UsageError, VmiedError
+from .formats import open_reader, output_formats
+from .io.open import create_sink, open_source
+from .pipeline import Progress, Workers
+
+EXIT_UNEXPECTED = 1
+
+
+def parse_options(text: list[str] | None) -> dict[str, str]:
+    """``-o key=value[,key=value]`` (repeatable), as qemu-img takes them."""
+    options: dict[str, str] = {}
+    for group in text or []:
+        for item in filter(None, group.split(",")):
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise UsageError(f"option {item!r} is not key=value")
+            options[key.strip()] = value.strip()
+    return options
+
+
+class ProgressReporter:
+    """A progress bar on a terminal, JSON lines for scripts, or nothing."""
+
+    def __init__(self, mode: str, stream: TextIO) -> None:
+        self.mode = mode
+        self.stream = stream
+        self._last = 0.0
+
+    def __call__(self, progress: Progress) -> None:
+        now = time.monotonic()
+        if self.mode == "none" or (now - self._last < 0.5 and progress.position < progress.virtual_size):
+            return
+        self._last = now
+        if self.mode == "json":
+            self.emit({"event": "progress", **self.figures(progress)})
+            return
+        width = 40
+        filled = int(width * progress.fraction)
+        rate = progress.position / max(progress.elapsed, 1e-6) / 1e6
+        self.stream.write(
+            f"\r[{'#' * filled}{'.' * (width - filled)}] {100 * progress.fraction:5.1f}% {rate:8.1f} MB/s"
+        )
+        self.stream.flush()
+
+    @staticmethod
+    def figures(progress: Progress) -> dict[str, Any]:
+        return {
+            "position": progress.position,
+            "virtual_size": progress.virtual_size,
+            "percent": round(100 * progress.fraction, 2),
+            "elapsed_seconds": round(progress.elapsed, 3),
+        }
+
+    def emit(self, record: dict[str, Any]) -> None:
+        self.stream.write(json.dumps(record) + "\n")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        if self.mode == "bar":
+            self.stream.write("\n")
+
+
+async def run_convert(args: argparse.Namespace) -> int:
+    mode = args.progress or ("bar" if sys.stderr.isatty() else "none")
+    reporter = ProgressReporter(mode, sys.stdout if mode == "json" else sys.stderr)
+    progress = Progress(listeners=[reporter])
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, progress.cancel)
+    options = parse_options(args.options)
+    source = await open_source(args.source)
+    try:
+        sink = await create_sink(args.destination)
+        with Workers() as workers:
+            result = await convert(
+                source, sink, args.output_format, options=options, input_format=args.format,
+                workers=workers, progress=progress,
+            )
+    finally:
+        await source.close()
+    reporter.finish()
+    if mode == "json":
+        reporter.emit({"event": "done", **reporter.figures(progress), "output_bytes": result.output_bytes,
+                       "source": result.source.as_dict()})
+    return 0
+
+
+async def run_info(args: argparse.Namespace) -> int:
+    source = await open_source(args.image)
+    try:
+        with Workers() as workers:
+            reader = await open_reader(source, workers, args.format)
+            info = reader.info()
+    finally:
+        await source.close()
+    if args.output == "json":
+        print(json.dumps({"filename": args.image, **info.as_dict()}, indent=2))
+        return 0
+    print(f"image: {args.image}")
+    print(f"file format: {info.format}" + (f" ({info.subformat})" if info.subformat else ""))
+    print(f"virtual size: {info.virtual_size} bytes")
+    if info.allocated_bytes is not None:
+        print(f"allocated: {info.allocated_bytes} bytes")
+    if info.cluster_size:
+        print(f"cluster size: {info.cluster_size}")
+    for key, value in info.details.items():
+        print(f"{key.replace('_', ' ')}: {value}")
+    for problem in info.problems:
+        print(f"problem: {problem}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vmied", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"vmied {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    conv = commands.add_parser("convert", help="convert a disk image to another format")
+    conv.add_argument("source", metavar="SRC")
+    conv.add_argument("destination", metavar="DST")
+    conv.add_argument("-f", dest="format", help="input format (detected from content when omitted; "
+                      "'raw' must be given for raw disks)")
+    conv.add_argument("-O", dest="output_format", default="raw", help=f"output format: {', '.join(output_formats())}")
+    conv.add_argument("-o", dest="options", action="append", metavar="KEY=VALUE[,...]",
+                      help="output options, e.g. subformat=streamOptimized")
+    conv.add_argument("--progress", choices=("bar", "json", "none"),
+                      help="progress display (default: bar on a terminal, none otherwise)")
+    conv.set_defaults(run=run_convert)
+
+    info = commands.add_parser("info", help="describe a disk image")
+    info.add_argument("image", metavar="IMAGE")
+    info.add_argument("-f", dest="format", help="declared input format")
+    info.add_argument("--output", choices=("human", "json"), default="human")
+    info.set_defaults(run=run_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return asyncio.run(args.run(args))
+    except VmiedError as exc:
+        if isinstance(exc, Cancelled):
+            print("vmied: cancelled; no output was left behind", file=sys.stderr)
+        else:
+            print(f"vmied: error: {exc.message} [{exc.reason}]", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return Cancelled.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

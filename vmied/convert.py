@@ -1,0 +1,58 @@
+"""One conversion: source → reader → extent stream → writer → sink (design §2).
+
+Used by ``vmied convert`` and by the daemon's tasks. On any failure or cancellation the sink is
+aborted, so the destination never holds a partial output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+from .extents import Extent, checked
+from .formats import open_reader, writer_class
+from .formats.base import ImageInfo
+from .io.base import Sink, Source
+from .pipeline import Progress, Workers, prefetch
+
+
+@dataclass
+class Result:
+    source: ImageInfo
+    output_format: str
+    output_bytes: int
+
+
+async def tracked(extents: AsyncIterator[Extent], progress: Progress) -> AsyncIterator[Extent]:
+    """Report each extent the writer takes, and stop at the next batch once cancelled."""
+    async for extent in extents:
+        progress.check()
+        yield extent
+        progress.advance(extent.end)
+
+
+async def convert(
+    source: Source,
+    sink: Sink,
+    output_format: str,
+    *,
+    options: Mapping[str, str] | None = None,
+    input_format: str | None = None,
+    workers: Workers,
+    progress: Progress | None = None,
+) -> Result:
+    """Convert ``source`` into ``sink``; the sink is committed on success and aborted otherwise."""
+    progress = progress or Progress()
+    try:
+        reader = await open_reader(source, workers, input_format)
+        writer = writer_class(output_format)(sink, reader.virtual_size, options or {}, workers)
+        progress.virtual_size = reader.virtual_size
+        stream = tracked(prefetch(checked(reader.extents(), reader.virtual_size)), progress)
+        await writer.write(stream)
+        await sink.commit()
+    except BaseException:
+        await sink.abort()
+        raise
+    progress.bytes_read = source.bytes_read
+    progress.bytes_written = sink.position
+    return Result(reader.info(), output_format, sink.position)

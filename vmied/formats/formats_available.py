@@ -1,0 +1,12 @@
+"""The formats vmied reads and writes, in probe order (most specific magic first).
+
+Each format module adds itself here; raw comes last and is never chosen by a probe.
+"""
+
+from __future__ import annotations
+
+from .base import Reader, Writer
+from .raw import RawReader, RawWriter
+
+READERS: list[type[Reader]] = [RawReader]
+WRITERS: dict[str, type[Writer]] = {"raw": RawWriter}

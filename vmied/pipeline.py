@@ -1,0 +1,132 @@
+"""Running CPU work off the event loop, in order, with bounded memory; progress and cancellation.
+
+The loop never blocks: a reader or writer hands megabyte batches to :class:`Workers`, a thread
+pool sized to the cores (the kernels release the GIL), and keeps at most ``depth`` batches in
+flight, so memory is bounded by ``depth × batch`` whatever the disk size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from .errors import Cancelled
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+#: Batches of CPU work in flight per stage: enough to keep every core busy while the next
+#: batch is read, small enough that memory stays at a few batches.
+DEFAULT_DEPTH = 2 * (os.cpu_count() or 2)
+
+
+class Workers:
+    """A thread pool for GIL-releasing CPU kernels, with an async front."""
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads or os.cpu_count() or 2
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="vmied-cpu")
+
+    async def run(self, fn: Callable[..., R], *args: object) -> R:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+async def ordered_map(
+    start: Callable[[T], Awaitable[R]], items: AsyncIterable[T], depth: int = DEFAULT_DEPTH
+) -> AsyncIterator[R]:
+    """Yield ``await start(item)`` for each item in input order, with up to ``depth`` running.
+
+    On early exit (an error downstream, a cancellation) the jobs still running are cancelled.
+    """
+    pending: deque[asyncio.Future[R]] = deque()
+    try:
+        async for item in items:
+            pending.append(asyncio.ensure_future(start(item)))
+            if len(pending) >= depth:
+                yield await pending.popleft()
+        while pending:
+            yield await pending.popleft()
+    finally:
+        for future in pending:
+            future.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def prefetch(items: AsyncIterable[T], depth: int = DEFAULT_DEPTH) -> AsyncIterator[T]:
+    """Run the producer ``items`` in its own task, up to ``depth`` items ahead of the consumer.
+
+    This is what lets a reader inflate while the writer deflates: without it an async pipeline
+    only ever runs one stage at a time.
+    """
+    queue: asyncio.Queue[tuple[bool, object]] = asyncio.Queue(depth)
+
+    async def produce() -> None:
+        try:
+            async for item in items:
+                await queue.put((True, item))
+            await queue.put((False, None))
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            await queue.put((False, exc))
+
+    producer = asyncio.ensure_future(produce())
+    try:
+        while True:
+            more, value = await queue.get()
+            if not more:
+                if isinstance(value, BaseException):
+                    raise value
+                return
+            yield value  # type: ignore[misc]
+    finally:
+        producer.cancel()
+        await asyncio.gather(producer, return_exceptions=True)
+
+
+@dataclass
+class Progress:
+    """What an operation has done so far, and its cancel flag (checked at batch boundaries)."""
+
+    virtual_size: int = 0
+    position: int = 0  # virtual bytes the writer has consumed
+    bytes_read: int = 0  # source bytes fetched
+    bytes_written: int = 0  # destination bytes produced
+    started: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    listeners: list[Callable[[Progress], None]] = field(default_factory=list)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def check(self) -> None:
+        if self.cancelled:
+            raise Cancelled("operation cancelled")
+
+    def advance(self, position: int) -> None:
+        self.position = position
+        self.check()
+        for listener in self.listeners:
+            listener(self)
+
+    @property
+    def fraction(self) -> float:
+        return self.position / self.virtual_size if self.virtual_size else 1.0
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
