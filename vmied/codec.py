@@ -9,6 +9,7 @@ grains handed to a worker thread keeps a core busy. Everything they write is pla
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 
 from .errors import CorruptImage
 from .extents import Buffer
@@ -66,9 +67,24 @@ def deflate(data: Buffer, level: int = DEFAULT_LEVEL) -> bytes:
     return zlib.compress(data, 6)
 
 
-def inflate_batch(grains: list[bytes], sizes: list[int]) -> list[bytes]:
-    """Inflate a batch of grains in one worker-thread job."""
-    return [inflate(grain, size) for grain, size in zip(grains, sizes, strict=True)]
+def inflate_grains(grains: Sequence[bytes], grain_size: int, length: int) -> list[bytes]:
+    """Worker job: inflate the grains of a DEFLATED extent covering ``length`` bytes.
+
+    Every grain must inflate to ``grain_size``, but the last grain of a disk whose size is not
+    whole grains: writers disagree on whether it holds a whole grain or the remainder, so both are
+    accepted and it is cut to the remainder.
+    """
+    last = length - grain_size * (len(grains) - 1)
+    out = [inflate(grain, grain_size) for grain in grains[:-1]]
+    if grains:
+        if last == grain_size:
+            out.append(inflate(grains[-1], grain_size))
+        else:
+            try:
+                out.append(inflate(grains[-1], grain_size)[:last])
+            except CorruptImage:
+                out.append(inflate(grains[-1], last))
+    return out
 
 
 def deflate_batch(grains: list[memoryview], level: int = DEFAULT_LEVEL) -> list[bytes]:

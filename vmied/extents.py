@@ -121,3 +121,39 @@ async def blocks(extents: AsyncIterator[Extent], block_size: int) -> AsyncIterat
             position = block_end
     if current and any(e.kind is not Kind.ZERO for e in current):
         yield index, current
+
+
+async def aligned(extents: AsyncIterator[Extent], unit: int) -> AsyncIterator[Extent]:
+    """Re-cut a contiguous stream so that every extent starts on a multiple of ``unit``.
+
+    Pieces smaller than a unit are gathered (at most ``unit`` bytes held) and handed on as one DATA
+    extent; aligned extents pass through untouched, DEFLATED ones included (their grain must be
+    ``unit``). Writers with a fixed grain (VMDK) consume this.
+    """
+    head = bytearray()  # an incomplete unit being assembled; empty means we are aligned
+    head_offset = 0
+    async for extent in extents:
+        position, end = extent.offset, extent.end
+        if head:
+            take = min(unit - len(head), end - position)
+            head += _bytes_of(clip(extent, position, position + take))
+            position += take
+            if len(head) < unit:
+                continue
+            yield Extent.of_data(head_offset, bytes(head))
+            head.clear()
+        if extent.kind is Kind.DEFLATED:
+            yield extent
+            continue
+        whole_end = end - (end - position) % unit
+        if whole_end > position:
+            yield extent if position == extent.offset and whole_end == end else clip(extent, position, whole_end)
+        if whole_end < end:
+            head_offset = whole_end
+            head += _bytes_of(clip(extent, whole_end, end))
+    if head:
+        yield Extent.of_data(head_offset, bytes(head))
+
+
+def _bytes_of(extent: Extent) -> Buffer:
+    return extent.data if extent.data is not None else bytes(extent.length)

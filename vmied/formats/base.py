@@ -108,16 +108,19 @@ class Writer(ABC):
         """Consume the whole stream and write the image; the caller commits the sink."""
 
 
-async def inflated(extents: AsyncIterator[Extent], workers: Workers) -> AsyncIterator[Extent]:
-    """Turn DEFLATED extents into DATA (inflating in the worker pool, in order, bounded)."""
-    from ..codec import inflate_batch
+async def inflated(extents: AsyncIterator[Extent], workers: Workers, keep_grain: int = 0
+                   ) -> AsyncIterator[Extent]:
+    """Turn DEFLATED extents into DATA, inflating in the worker pool, in order, bounded.
+
+    Extents deflated in grains of ``keep_grain`` bytes pass through untouched, for writers that
+    share that encoding (stream-optimized VMDK, the snapshot store).
+    """
+    from ..codec import inflate_grains
 
     async def materialise(extent: Extent) -> Extent:
-        if extent.kind is not Kind.DEFLATED:
+        if extent.kind is not Kind.DEFLATED or extent.grain_size == keep_grain:
             return extent
-        sizes = [extent.grain_size] * len(extent.grains)
-        sizes[-1] = extent.length - extent.grain_size * (len(extent.grains) - 1)
-        parts = await workers.run(inflate_batch, list(extent.grains), sizes)
+        parts = await workers.run(inflate_grains, extent.grains, extent.grain_size, extent.length)
         return Extent.of_data(extent.offset, b"".join(parts))
 
     async for extent in ordered_map(materialise, extents):

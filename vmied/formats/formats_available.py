@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from .base import Reader, Writer
 from .raw import RawReader, RawWriter
+from .vmdk import VmdkReader, VmdkWriter
 
-READERS: list[type[Reader]] = [RawReader]
-WRITERS: dict[str, type[Writer]] = {"raw": RawWriter}
+READERS: list[type[Reader]] = [VmdkReader, RawReader]
+WRITERS: dict[str, type[Writer]] = {"raw": RawWriter, "vmdk": VmdkWriter}

@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator
 
 from ..extents import Extent, Kind
 from ..fastio import zero_grains
-from ..io.base import DEFAULT_WINDOW
-from ..pipeline import ordered_map
+from ..io.base import DEFAULT_WINDOW, Source
+from ..pipeline import Workers, ordered_map
 from .base import ImageInfo, Reader, Writer, inflated
 
 #: Granularity of zero detection: the VMDK grain and store grain size.
@@ -36,6 +36,39 @@ def split_zero_runs(offset: int, data: bytes, granule: int = ZERO_GRANULE) -> li
     return out
 
 
+async def flat_extents(source: Source, workers: Workers, start: int, length: int, base: int = 0
+                       ) -> AsyncIterator[Extent]:
+    """Extents of ``length`` bytes stored flat in ``source`` from ``start``, at virtual ``base``.
+
+    Holes the source knows of become ZERO extents without a read; data is read in windows, several
+    ahead, and cut into DATA and ZERO at 64 KiB in the worker pool.
+    """
+    end = start + length
+
+    async def windows() -> AsyncIterator[tuple[int, int, bool]]:
+        """``(offset, length, is_hole)`` in source offsets: holes whole, data in read windows."""
+        position = start
+        for data_start, data_end in await source.allocated(start, end):
+            if data_start > position:
+                yield position, data_start - position, True
+            for offset in range(data_start, data_end, DEFAULT_WINDOW):
+                yield offset, min(DEFAULT_WINDOW, data_end - offset), False
+            position = data_end
+        if position < end:
+            yield position, end - position, True
+
+    async def split(window: tuple[int, int, bool]) -> list[Extent]:
+        offset, size, is_hole = window
+        if is_hole:
+            return [Extent.zero(base + offset - start, size)]
+        data = await source.read_exact(offset, size, "flat data")
+        return await workers.run(split_zero_runs, base + offset - start, data)
+
+    async for batch in ordered_map(split, windows()):
+        for extent in batch:
+            yield extent
+
+
 class RawReader(Reader):
     format = "raw"
 
@@ -49,29 +82,8 @@ class RawReader(Reader):
     def info(self) -> ImageInfo:
         return ImageInfo("raw", self.virtual_size, allocated_bytes=None)
 
-    async def extents(self) -> AsyncIterator[Extent]:
-        async for batch in ordered_map(self._split, self._windows()):
-            for extent in batch:
-                yield extent
-
-    async def _windows(self) -> AsyncIterator[tuple[int, int, bool]]:
-        """``(offset, length, is_hole)``: known holes whole, allocated ranges in read windows."""
-        position = 0
-        for start, end in await self.source.allocated(0, self.virtual_size):
-            if start > position:
-                yield position, start - position, True
-            for offset in range(start, end, DEFAULT_WINDOW):
-                yield offset, min(DEFAULT_WINDOW, end - offset), False
-            position = end
-        if position < self.virtual_size:
-            yield position, self.virtual_size - position, True
-
-    async def _split(self, window: tuple[int, int, bool]) -> list[Extent]:
-        offset, length, is_hole = window
-        if is_hole:
-            return [Extent.zero(offset, length)]
-        data = await self.source.read_exact(offset, length, "raw data")
-        return await self.workers.run(split_zero_runs, offset, data)
+    def extents(self) -> AsyncIterator[Extent]:
+        return flat_extents(self.source, self.workers, 0, self.virtual_size)
 
 
 class RawWriter(Writer):
