@@ -20,7 +20,9 @@ from . import __version__
 from .convert import convert
 from .errors import Cancelled, UsageError, VmiedError
 from .formats import open_reader, output_formats
+from .io.base import MiB
 from .io.open import create_sink, open_source
+from .io.s3 import S3Config
 from .pipeline import Progress, Workers
 
 EXIT_UNEXPECTED = 1
@@ -88,9 +90,9 @@ async def run_convert(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, progress.cancel)
     options = parse_options(args.options)
-    source = await open_source(args.source)
+    source = await open_source(args.source, s3_config(args, args.source_profile))
     try:
-        sink = await create_sink(args.destination)
+        sink = await create_sink(args.destination, s3_config(args, args.dest_profile))
         with Workers() as workers:
             result = await convert(
                 source, sink, args.output_format, options=options, input_format=args.format,
@@ -106,7 +108,7 @@ async def run_convert(args: argparse.Namespace) -> int:
 
 
 async def run_info(args: argparse.Namespace) -> int:
-    source = await open_source(args.image)
+    source = await open_source(args.image, s3_config(args, args.source_profile))
     try:
         with Workers() as workers:
             reader = await open_reader(source, workers, args.format)
@@ -130,6 +132,30 @@ async def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def s3_config(args: argparse.Namespace, profile: str | None) -> S3Config:
+    """The identity and endpoint for one side of the conversion (``--source-profile`` etc. win)."""
+    return S3Config(profile=profile or args.profile, region=args.region, endpoint_url=args.endpoint_url,
+                    path_style=args.path_style, ca_bundle=args.ca_bundle,
+                    part_size=args.part_size * MiB, parts_in_flight=args.parts_in_flight)
+
+
+def add_storage_arguments(parser: argparse.ArgumentParser, destination: bool) -> None:
+    """Where s3:// locations are and who reads (and writes) them; defaults: the AWS chain."""
+    group = parser.add_argument_group("S3 and https locations")
+    group.add_argument("--endpoint-url", help="S3-compatible endpoint instead of AWS")
+    group.add_argument("--profile", help="AWS profile (shared config files) for every s3:// location")
+    group.add_argument("--source-profile", help="AWS profile for the source (overrides --profile)")
+    group.add_argument("--region", help="AWS region")
+    group.add_argument("--path-style", action="store_true", help="address buckets in the path, not the host")
+    group.add_argument("--ca-bundle", help="PEM file of trusted CAs (default: AWS_CA_BUNDLE, system)")
+    group.add_argument("--part-size", type=int, default=16, metavar="MIB",
+                       help="base multipart part size in MiB (grown only for very large outputs)")
+    group.add_argument("--parts-in-flight", type=int, default=4, metavar="N",
+                       help="parts uploaded at once (memory: part size x (N + 1))")
+    if destination:
+        group.add_argument("--dest-profile", help="AWS profile for the destination (overrides --profile)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vmied", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"vmied {__version__}")
@@ -145,12 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="output options, e.g. subformat=streamOptimized")
     conv.add_argument("--progress", choices=("bar", "json", "none"),
                       help="progress display (default: bar on a terminal, none otherwise)")
+    add_storage_arguments(conv, destination=True)
     conv.set_defaults(run=run_convert)
 
     info = commands.add_parser("info", help="describe a disk image")
     info.add_argument("image", metavar="IMAGE")
     info.add_argument("-f", dest="format", help="declared input format")
     info.add_argument("--output", choices=("human", "json"), default="human")
+    add_storage_arguments(info, destination=False)
     info.set_defaults(run=run_info)
     return parser
 

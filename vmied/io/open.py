@@ -1,21 +1,34 @@
-"""Turn a location (path, ``s3://bucket/key``, https URL) into a source or a sink."""
+"""Turn a location (path, ``s3://bucket/key``, https URL) into a source or a sink.
+
+Remote locations take an :class:`~.s3.S3Config` each, so one conversion can read with one identity
+and endpoint and write with another. https sources use its retry policy and CA bundle.
+"""
 
 from __future__ import annotations
 
 from ..errors import UsageError
 from .base import Sink, Source
+from .http import HttpSource, public_name
 from .local import FileSink, FileSource
+from .s3 import S3Config, S3Location, S3Sink, S3Source
 
 REMOTE_SCHEMES = ("s3://", "http://", "https://")
 
 
-async def open_source(location: str) -> Source:
-    if location.startswith(REMOTE_SCHEMES):
-        raise UsageError(f"{location}: remote sources are not available in this build")
+async def open_source(location: str, s3: S3Config | None = None) -> Source:
+    config = s3 or S3Config()
+    if location.startswith("s3://"):
+        return await S3Source.open(S3Location.parse(location), config)
+    if location.startswith(("http://", "https://")):
+        return await HttpSource.open(location, config.retry, config.ca_bundle, config.connections)
     return await FileSource.open(location)
 
 
-async def create_sink(location: str) -> Sink:
+async def create_sink(location: str, s3: S3Config | None = None, expected_size: int | None = None) -> Sink:
+    """A sink for ``location``; ``expected_size`` (a hint, may be wrong) sizes S3 upload parts."""
+    if location.startswith("s3://"):
+        return await S3Sink.create(S3Location.parse(location), s3 or S3Config(), expected_size)
     if location.startswith(REMOTE_SCHEMES):
-        raise UsageError(f"{location}: remote destinations are not available in this build")
+        raise UsageError(f"{public_name(location)}: an http(s) URL can only be a source; "
+                         "write to s3:// instead")
     return await FileSink.create(location)

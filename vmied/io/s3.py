@@ -1,0 +1,415 @@
+"""S3 objects as sources (ranged GETs pinned to one ETag) and sinks (multipart uploads), no temp files.
+
+Source: a HeadObject gives the size and ETag; every read is a ranged GET with ``If-Match`` on that
+ETag, so an object replaced while it is read fails with "object changed while reading" instead of
+mixing two versions. Failed reads resume from the last byte received (:mod:`.retry`).
+
+Sink: the output is cut into parts in order and up to ``parts_in_flight`` parts upload at once,
+each with its Content-MD5. A part that overlaps a placeholder (a region the writer fills at the
+end) stays in memory until it is filled; parts may be uploaded in any order, and every part but
+the last has its planned size (>= 5 MiB, as S3 requires). Memory is therefore about
+``part size x (parts in flight + 1)`` plus the parts holding placeholders, whatever the disk size.
+An output smaller than one part is a single PUT. On failure or cancellation the upload is aborted
+(no orphan parts, no object); on success the object's size is checked with HeadObject.
+
+Part sizes (S3: at most 10,000 parts of 5 MiB to 5 GiB)::
+
+    part index   0 ........ 4,999 | 5,000 .. 5,499 | 5,500 .. 5,999 | ... | 9,999
+    part size    base (flat)      | 2 x base       | 4 x base       | ... | capped at 5 GiB
+
+With the default 16 MiB base the flat region holds 78 GiB and the whole plan more than the 5 TiB
+object limit, so the writer need not know the output size; an ``expected_size`` hint raises the
+base so that the hinted size fits in the flat region, keeping the part size flat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import posixpath
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import aiohttp
+from aiobotocore.config import AioConfig
+from aiobotocore.session import AioSession
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    IncompleteReadError,
+    ResponseStreamingError,
+)
+
+from ..errors import StorageError, UsageError
+from .base import MiB, Placeholder, Sink, Source, check_sibling_name
+from .retry import RangedSource, Retrier, RetryPolicy, Transient, network_failure, status_failure
+
+T = TypeVar("T")
+
+GiB = 1 << 30
+MIN_PART = 5 * MiB
+MAX_PART = 5 * GiB
+MAX_PARTS = 10_000
+#: Parts at the base size before sizes start doubling (see the module's table).
+FLAT_PARTS = 5_000
+GROWTH_STEP = 500
+#: Bytes taken from a response body per read: a bounded buffer, large enough to keep syscalls few.
+BODY_CHUNK = MiB
+#: Error codes S3 uses for "slow down / try again" besides the 5xx statuses.
+TRANSIENT_CODES = frozenset({"SlowDown", "RequestTimeout", "Throttling", "ThrottlingException",
+                             "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable"})
+
+
+@dataclass(frozen=True, slots=True)
+class S3Location:
+    bucket: str
+    key: str
+
+    @classmethod
+    def parse(cls, url: str) -> S3Location:
+        if not url.startswith("s3://"):
+            raise UsageError(f"{url} is not an s3://bucket/key URL")
+        bucket, _, key = url[len("s3://"):].partition("/")
+        if not bucket or not key or key.endswith("/"):
+            raise UsageError(f"{url}: an S3 location is s3://bucket/key, with a key naming one object")
+        return cls(bucket, key)
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+@dataclass(frozen=True, slots=True)
+class S3Config:
+    """One identity and endpoint (a conversion may read with one and write with another)."""
+
+    profile: str | None = None  # a profile of the shared config/credentials files; None: the default chain
+    region: str | None = None
+    endpoint_url: str | None = None  # an S3-compatible service instead of AWS
+    path_style: bool = False  # bucket in the path rather than in the host name
+    ca_bundle: str | None = None  # PEM file of trusted CAs; None: AWS_CA_BUNDLE or the system store
+    part_size: int = 16 * MiB  # base part size (grown by the expected size or by the plan)
+    parts_in_flight: int = 4
+    connections: int = 16
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+def base_part_size(configured: int, expected_size: int | None) -> int:
+    """The flat part size: the configured one, raised so ``expected_size`` fits in the flat parts."""
+    base = max(configured, MIN_PART)
+    if expected_size:
+        needed = -(-expected_size // FLAT_PARTS)
+        base = max(base, -(-needed // MiB) * MiB)
+    return min(base, MAX_PART)
+
+
+def part_size(index: int, base: int) -> int:
+    """Size of part ``index`` (0-based) in the plan of the module's table."""
+    if index >= MAX_PARTS:
+        raise StorageError(f"the output needs more than {MAX_PARTS} parts; give a larger size hint",
+                           reason="s3.too_large")
+    if index < FLAT_PARTS:
+        return base
+    return min(MAX_PART, base << ((index - FLAT_PARTS) // GROWTH_STEP + 1))
+
+
+def content_md5(data: bytes) -> str:
+    return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+
+
+def s3_failure(exc: BaseException, location: S3Location, action: str) -> Exception:
+    """A :class:`Transient` to retry or a :class:`StorageError` naming the bucket, key and action."""
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+        text = f"{code or status}: {error.get('Message') or 'no message'}"
+        if status == 412 or code == "PreconditionFailed":
+            return StorageError(f"{location}: object changed while reading ({action} refused: {text})",
+                                reason="s3.changed")
+        if status == 403 or code in ("AccessDenied", "Forbidden", "InvalidAccessKeyId",
+                                     "SignatureDoesNotMatch"):
+            return StorageError(f"access denied: {action} on bucket {location.bucket!r} key "
+                                f"{location.key!r} ({text})", reason="s3.denied")
+        if status == 404 or code in ("NoSuchKey", "NoSuchBucket", "NotFound"):
+            what = "bucket" if code == "NoSuchBucket" else "object"
+            return StorageError(f"{action}: no such {what}: bucket {location.bucket!r} key "
+                                f"{location.key!r} ({text})", reason="s3.not_found")
+        if code in TRANSIENT_CODES:
+            return Transient(code, text)
+        transient = status_failure(status, text)
+        if transient:
+            return transient
+        return StorageError(f"{action} on {location} failed ({text})", reason="s3.error")
+    if isinstance(exc, IncompleteReadError | ResponseStreamingError):
+        return Transient("truncated", str(exc))
+    if isinstance(exc, HTTPClientError):  # connection closed or refused, read/connect timeouts
+        return Transient("connection", str(exc))
+    transient = network_failure(exc)
+    if transient:
+        return transient
+    if isinstance(exc, BotoCoreError):  # credentials, profiles, endpoint configuration
+        return StorageError(f"{action} on {location}: {exc}", reason="s3.config")
+    raise exc
+
+
+async def s3_call(location: S3Location, action: str, call: Callable[[], Awaitable[T]]) -> T:
+    """One attempt at an S3 request, its failures sorted into retryable or not."""
+    try:
+        return await call()
+    except (ClientError, BotoCoreError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+        raise s3_failure(exc, location, action) from None
+
+
+async def s3_client(config: S3Config, stack: AsyncExitStack) -> Any:
+    """An S3 client for ``config`` (the standard credential chain), closed with ``stack``."""
+    try:
+        session = AioSession(profile=config.profile)
+        botocore_config = AioConfig(
+            connect_timeout=config.retry.connect_timeout,
+            read_timeout=config.retry.read_timeout,
+            max_pool_connections=config.connections,
+            retries={"total_max_attempts": 1},  # vmied's Retrier retries, and records why
+            s3={"addressing_style": "path" if config.path_style else "auto"},
+            request_checksum_calculation="when_required",  # parts carry their own Content-MD5
+            response_checksum_validation="when_required",
+        )
+        return await stack.enter_async_context(session.create_client(
+            "s3", region_name=config.region, endpoint_url=config.endpoint_url,
+            verify=config.ca_bundle, config=botocore_config,
+        ))
+    except BotoCoreError as exc:
+        raise StorageError(f"cannot set up S3 access: {exc}", reason="s3.config") from None
+
+
+class S3Source(RangedSource):
+    def __init__(self, location: S3Location, config: S3Config, client: Any, stack: AsyncExitStack,
+                 size: int, etag: str) -> None:
+        super().__init__(str(location), size, config.retry)
+        self.location = location
+        self.config = config
+        self.etag = etag
+        self._client = client
+        self._stack = stack
+
+    @classmethod
+    async def open(cls, location: S3Location, config: S3Config) -> S3Source:
+        stack = AsyncExitStack()
+        try:
+            client = await s3_client(config, stack)
+            head = await Retrier(config.retry).run(
+                lambda: s3_call(location, "s3:GetObject (HeadObject)",
+                                lambda: client.head_object(Bucket=location.bucket, Key=location.key)),
+                f"HeadObject {location}",
+            )
+        except BaseException:
+            await stack.aclose()
+            raise
+        return cls(location, config, client, stack, int(head["ContentLength"]), str(head["ETag"]))
+
+    async def _fetch(self, offset: int, length: int, into: bytearray) -> None:
+        async def get() -> None:
+            response = await self._client.get_object(
+                Bucket=self.location.bucket, Key=self.location.key,
+                Range=f"bytes={offset}-{offset + length - 1}", IfMatch=self.etag,
+            )
+            async with response["Body"] as body:
+                if int(response["ContentLength"]) != length:
+                    raise StorageError(f"{self.location}: asked for {length} bytes at {offset}, the server "
+                                       f"sent {response['ContentLength']}", reason="s3.range")
+                while chunk := await body.read(min(BODY_CHUNK, length - (len(into) - start))):
+                    into.extend(chunk)
+
+        start = len(into)
+        await s3_call(self.location, "s3:GetObject", get)
+
+    async def open_sibling(self, name: str) -> Source:
+        key = posixpath.join(posixpath.dirname(self.location.key), check_sibling_name(name))
+        return await S3Source.open(S3Location(self.location.bucket, key), self.config)
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+
+
+class S3Sink(Sink):
+    """A multipart upload (or one PUT for a small output) of one object; see the module's notes."""
+
+    def __init__(self, location: S3Location, config: S3Config, client: Any, stack: AsyncExitStack,
+                 expected_size: int | None) -> None:
+        super().__init__(buffer_size=MiB)  # parts are assembled here, so the base buffer stays small
+        self.name = str(location)
+        self.location = location
+        self.retrier = Retrier(config.retry)
+        self.part_base = base_part_size(config.part_size, expected_size)
+        self._client = client
+        self._stack = stack
+        self._part = bytearray()  # the part being assembled
+        self._part_index = 0
+        self._part_offset = 0
+        self._held: dict[int, tuple[int, bytearray]] = {}  # index -> (offset, bytes): parts awaiting a fill
+        self._unfilled: list[Placeholder] = []
+        self._slots = asyncio.Semaphore(max(1, config.parts_in_flight))
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._etags: dict[int, str] = {}  # part number -> ETag
+        self._upload_id: str | None = None
+        self._object_written = False  # a PUT or a completion may have made the object visible
+
+    @classmethod
+    async def create(cls, location: S3Location, config: S3Config, expected_size: int | None = None) -> S3Sink:
+        stack = AsyncExitStack()
+        client = await s3_client(config, stack)
+        return cls(location, config, client, stack, expected_size)
+
+    @property
+    def retries(self) -> list[Any]:
+        return self.retrier.records
+
+    async def _request(self, action: str, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        return await self.retrier.run(lambda: s3_call(self.location, action, call), f"{what} {self.location}")
+
+    # -- placeholders: the parts that hold them wait in memory until they are filled
+
+    async def reserve(self, length: int) -> Placeholder:
+        self._unfilled.append(Placeholder(self.position, length))  # before the zeros may cut a part
+        return await super().reserve(length)
+
+    async def fill(self, placeholder: Placeholder, data: bytes | bytearray | memoryview) -> None:
+        await super().fill(placeholder, data)
+        self._unfilled.remove(placeholder)
+        for index, (offset, part) in sorted(self._held.items()):
+            if not self._awaits_fill(offset, len(part)):
+                del self._held[index]
+                await self._upload(index, bytes(part))
+
+    def _awaits_fill(self, offset: int, length: int) -> bool:
+        return any(p.offset < offset + length and offset < p.offset + p.length for p in self._unfilled)
+
+    async def _fill(self, offset: int, data: bytes) -> None:
+        pieces = [(self._part_offset, self._part), *self._held.values()]
+        covered = 0
+        for start, buffer in pieces:
+            lo, hi = max(offset, start), min(offset + len(data), start + len(buffer))
+            if lo < hi:
+                buffer[lo - start : hi - start] = data[lo - offset : hi - offset]
+                covered += hi - lo
+        if covered != len(data):
+            raise AssertionError(f"placeholder at {offset} was uploaded before it was filled")
+
+    # -- parts
+
+    async def _write_at(self, offset: int, data: bytes) -> None:
+        assert offset == self._part_offset + len(self._part), "sinks are written in order"
+        self._part += data
+        while len(self._part) >= (size := part_size(self._part_index, self.part_base)):
+            part = bytes(self._part[:size])
+            del self._part[:size]
+            index, start = self._part_index, self._part_offset
+            self._part_index += 1
+            self._part_offset += size
+            if self._awaits_fill(start, size):
+                self._held[index] = (start, bytearray(part))
+            else:
+                await self._upload(index, part)
+
+    async def _upload(self, index: int, data: bytes) -> None:
+        """Start uploading part ``index`` once a slot is free (the writer waits: back pressure)."""
+        self._raise_failed()
+        await self._slots.acquire()
+        try:
+            if self._upload_id is None:
+                created = await self._request(
+                    "s3:PutObject (CreateMultipartUpload)", "CreateMultipartUpload",
+                    lambda: self._client.create_multipart_upload(Bucket=self.location.bucket,
+                                                                 Key=self.location.key))
+                self._upload_id = str(created["UploadId"])
+        except BaseException:
+            self._slots.release()
+            raise
+        task = asyncio.ensure_future(self._upload_part(index + 1, data))
+        self._tasks.add(task)
+
+    async def _upload_part(self, number: int, data: bytes) -> None:
+        try:
+            md5 = await asyncio.to_thread(content_md5, data)
+            response = await self._request(
+                "s3:PutObject (UploadPart)", f"UploadPart {number} of",
+                lambda: self._client.upload_part(Bucket=self.location.bucket, Key=self.location.key,
+                                                 UploadId=self._upload_id, PartNumber=number,
+                                                 Body=data, ContentMD5=md5))
+            self._etags[number] = str(response["ETag"])
+        finally:
+            self._slots.release()
+
+    def _raise_failed(self) -> None:
+        for task in [t for t in self._tasks if t.done()]:
+            self._tasks.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
+    async def _drain(self) -> None:
+        while self._tasks:
+            await asyncio.wait(self._tasks, return_when=asyncio.FIRST_EXCEPTION)
+            self._raise_failed()
+
+    # -- commit and abort
+
+    async def _finish(self, size: int) -> None:
+        if self._upload_id is None and not self._held and self._part_index == 0:
+            await self._put(bytes(self._part))
+        else:
+            if self._part:
+                await self._upload(self._part_index, bytes(self._part))
+            self._part = bytearray()
+            for index, (_, part) in sorted(self._held.items()):
+                await self._upload(index, bytes(part))
+            self._held.clear()
+            await self._drain()
+            await self._complete()
+        await self._verify(size)
+        await self._stack.aclose()
+
+    async def _put(self, data: bytes) -> None:
+        md5 = await asyncio.to_thread(content_md5, data)
+        self._object_written = True
+        await self._request("s3:PutObject", "PutObject", lambda: self._client.put_object(
+            Bucket=self.location.bucket, Key=self.location.key, Body=data, ContentMD5=md5))
+
+    async def _complete(self) -> None:
+        parts = [{"PartNumber": n, "ETag": e} for n, e in sorted(self._etags.items())]
+        self._object_written = True
+        await self._request("s3:PutObject (CompleteMultipartUpload)", "CompleteMultipartUpload",
+                            lambda: self._client.complete_multipart_upload(
+                                Bucket=self.location.bucket, Key=self.location.key,
+                                UploadId=self._upload_id, MultipartUpload={"Parts": parts}))
+        self._upload_id = None
+
+    async def _verify(self, size: int) -> None:
+        head = await self._request("s3:GetObject (HeadObject)", "HeadObject", lambda: (
+            self._client.head_object(Bucket=self.location.bucket, Key=self.location.key)))
+        if int(head["ContentLength"]) != size:
+            raise StorageError(f"{self.location}: uploaded {size} bytes but the object holds "
+                               f"{head['ContentLength']}", reason="s3.size")
+
+    async def abort(self) -> None:
+        """Stop the uploads in flight, abort the multipart upload, and remove an object this sink wrote."""
+        try:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._tasks.clear()
+            if self._upload_id is not None:
+                upload_id, self._upload_id = self._upload_id, None
+                await self._request("s3:AbortMultipartUpload", "AbortMultipartUpload",
+                                    lambda: self._client.abort_multipart_upload(
+                                        Bucket=self.location.bucket, Key=self.location.key,
+                                        UploadId=upload_id))
+            if self._object_written:
+                await self._request("s3:DeleteObject", "DeleteObject", lambda: self._client.delete_object(
+                    Bucket=self.location.bucket, Key=self.location.key))
+        finally:
+            self._part = bytearray()
+            self._held.clear()
+            await self._stack.aclose()
