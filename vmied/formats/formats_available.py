@@ -8,8 +8,7 @@ from __future__ import annotations
 from .base import Reader, Writer
 from .qcow2 import Qcow2Reader, Qcow2Writer
 from .raw import RawReader, RawWriter
-from .vhd import VhdReader, VhdWriter
 from .vmdk import VmdkReader, VmdkWriter
 
-READERS: list[type[Reader]] = [Qcow2Reader, VmdkReader, VhdReader, RawReader]
-WRITERS: dict[str, type[Writer]] = {"raw": RawWriter, "qcow2": Qcow2Writer, "vmdk": VmdkWriter, "vhd": VhdWriter}
+READERS: list[type[Reader]] = [Qcow2Reader, VmdkReader, RawReader]
+WRITERS: dict[str, type[Writer]] = {"raw": RawWriter, "qcow2": Qcow2Writer, "vmdk": VmdkWriter}
