@@ -92,7 +92,7 @@ async def run_convert(args: argparse.Namespace) -> int:
     options = parse_options(args.options)
     source = await open_source(args.source, s3_config(args, args.source_profile))
     try:
-        sink = await create_sink(args.destination, s3_config(args, args.dest_profile))
+        sink = await create_sink(args.destination, s3_config(args, args.dest_profile), sync=args.sync)
         with Workers() as workers:
             result = await convert(
                 source, sink, args.output_format, options=options, input_format=args.format,
@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--progress", choices=("bar", "json", "none"),
                       help="progress display (default: bar on a terminal, none otherwise)")
     add_storage_arguments(conv, destination=True)
+    conv.add_argument("--no-sync", dest="sync", action="store_false",
+                      help="local output: skip the fsync before the output appears (as qemu-img); "
+                      "faster, but a crash may leave a damaged file")
     conv.set_defaults(run=run_convert)
 
     info = commands.add_parser("info", help="describe a disk image")

@@ -24,11 +24,15 @@ async def open_source(location: str, s3: S3Config | None = None) -> Source:
     return await FileSource.open(location)
 
 
-async def create_sink(location: str, s3: S3Config | None = None, expected_size: int | None = None) -> Sink:
-    """A sink for ``location``; ``expected_size`` (a hint, may be wrong) sizes S3 upload parts."""
+async def create_sink(location: str, s3: S3Config | None = None, expected_size: int | None = None,
+                      *, sync: bool = True) -> Sink:
+    """A sink for ``location``; ``expected_size`` (a hint, may be wrong) sizes S3 upload parts.
+
+    ``sync=False`` lets a local file appear without an fsync first (as qemu-img leaves it).
+    """
     if location.startswith("s3://"):
         return await S3Sink.create(S3Location.parse(location), s3 or S3Config(), expected_size)
     if location.startswith(REMOTE_SCHEMES):
         raise UsageError(f"{public_name(location)}: an http(s) URL can only be a source; "
                          "write to s3:// instead")
-    return await FileSink.create(location)
+    return await FileSink.create(location, sync=sync)
