@@ -654,7 +654,8 @@ def decompress_cluster(data: Buffer, cluster_size: int, compression: int, where:
     out: bytes | bytearray
     try:
         if compression == COMPRESSION_ZSTD:
-            out = pyzstd.ZstdDecompressor().decompress(data, cluster_size)
+            # one byte more than a cluster: a frame holding more is caught, not cut short
+            out = pyzstd.ZstdDecompressor().decompress(data, cluster_size + 1)
         else:  # libdeflate needs the exact output size and stops at the final block
             out = deflate.deflate_decompress(bytes(data), cluster_size)
     except (pyzstd.ZstdError, deflate.DeflateError, ValueError) as exc:
