@@ -6,9 +6,10 @@ Each format module adds itself here; raw comes last and is never chosen by a pro
 from __future__ import annotations
 
 from .base import Reader, Writer
+from .ova import OvaReader, OvaWriter
 from .qcow2 import Qcow2Reader, Qcow2Writer
 from .raw import RawReader, RawWriter
 from .vmdk import VmdkReader, VmdkWriter
 
-READERS: list[type[Reader]] = [Qcow2Reader, VmdkReader, RawReader]
-WRITERS: dict[str, type[Writer]] = {"raw": RawWriter, "qcow2": Qcow2Writer, "vmdk": VmdkWriter}
+READERS: list[type[Reader]] = [Qcow2Reader, VmdkReader, OvaReader, RawReader]
+WRITERS: dict[str, type[Writer]] = {"raw": RawWriter, "ova": OvaWriter, "qcow2": Qcow2Writer, "vmdk": VmdkWriter}
