@@ -9,7 +9,8 @@ from .base import Reader, Writer
 from .ova import OvaReader, OvaWriter
 from .qcow2 import Qcow2Reader, Qcow2Writer
 from .raw import RawReader, RawWriter
+from .vhd import VhdReader, VhdWriter
 from .vmdk import VmdkReader, VmdkWriter
 
-READERS: list[type[Reader]] = [Qcow2Reader, VmdkReader, OvaReader, RawReader]
-WRITERS: dict[str, type[Writer]] = {"raw": RawWriter, "ova": OvaWriter, "qcow2": Qcow2Writer, "vmdk": VmdkWriter}
+READERS: list[type[Reader]] = [Qcow2Reader, VmdkReader, VhdReader, OvaReader, RawReader]
+WRITERS: dict[str, type[Writer]] = {"raw": RawWriter, "ova": OvaWriter, "qcow2": Qcow2Writer, "vmdk": VmdkWriter, "vhd": VhdWriter}
