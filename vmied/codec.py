@@ -14,32 +14,21 @@ from collections.abc import Sequence
 from .errors import CorruptImage
 from .extents import Buffer
 
-try:
-    import deflate as _libdeflate
-except ImportError:  # pragma: no cover - the package is a dependency; this keeps zlib as fallback
-    _libdeflate = None
-try:
-    from isal import isal_zlib as _isal
-except ImportError:  # pragma: no cover
-    _isal = None
+import deflate as _libdeflate
+from isal import isal_zlib as _isal
 
-_INFLATE_ERRORS: tuple[type[Exception], ...] = (zlib.error, ValueError) + (
-    (_libdeflate.DeflateError,) if _libdeflate is not None else ()
-)
+_INFLATE_ERRORS = (zlib.error, ValueError, _libdeflate.DeflateError)
 #: ISA-L level 1: the fastest level whose output stays within the size target.
 DEFAULT_LEVEL = 1
 #: What AWS reports for a grain that inflates to the wrong size.
 BAD_LENGTH = "ClientError: Uncompressed data has invalid length"
 
 
-def inflate(data: Buffer, expected: int) -> bytes:
+def inflate(data: Buffer, expected: int) -> bytes | bytearray:
     """Inflate one zlib stream that must produce exactly ``expected`` bytes."""
     try:
-        if _libdeflate is not None:
-            # libdeflate needs the output size and fails when the stream does not fill it exactly
-            out = _libdeflate.zlib_decompress(bytes(data), expected)
-        else:
-            out = zlib.decompress(data, bufsize=expected)
+        # libdeflate needs the output size and fails when the stream does not fill it exactly
+        out: bytes | bytearray = _libdeflate.zlib_decompress(bytes(data), expected)
     except _INFLATE_ERRORS as exc:
         out = _inflate_diagnose(data, expected, exc)
     if len(out) != expected:
@@ -48,7 +37,7 @@ def inflate(data: Buffer, expected: int) -> bytes:
     return out
 
 
-def _inflate_diagnose(data: Buffer, expected: int, first: BaseException) -> bytes:
+def _inflate_diagnose(data: Buffer, expected: int, first: BaseException) -> bytes | bytearray:
     """Tell a grain of the wrong length from one that is not zlib data at all."""
     inflater = zlib.decompressobj()
     try:
@@ -62,12 +51,11 @@ def _inflate_diagnose(data: Buffer, expected: int, first: BaseException) -> byte
 
 def deflate(data: Buffer, level: int = DEFAULT_LEVEL) -> bytes:
     """Compress one grain as a zlib stream."""
-    if _isal is not None:
-        return _isal.compress(data, level)
-    return zlib.compress(data, 6)
+    compressed: bytes = _isal.compress(data, level)
+    return compressed
 
 
-def inflate_grains(grains: Sequence[bytes], grain_size: int, length: int) -> list[bytes]:
+def inflate_grains(grains: Sequence[bytes], grain_size: int, length: int) -> list[bytes | bytearray]:
     """Worker job: inflate the grains of a DEFLATED extent covering ``length`` bytes.
 
     Every grain must inflate to ``grain_size``, but the last grain of a disk whose size is not

@@ -9,7 +9,7 @@ if os.environ.get("VMIED_NO_EXTENSIONS"):
 
     EXTENSION = False
 else:
-    from ._fastio import is_zero, scan_grain_markers, zero_grains  # type: ignore[no-redef]
+    from ._fastio import is_zero, scan_grain_markers, zero_grains
 
     EXTENSION = True
 

@@ -138,14 +138,15 @@ def parse_extent_line(line: str) -> ExtentLine:
 def parse(raw: bytes) -> Descriptor:
     """Parse descriptor text and refuse what vmied does not convert (deltas, device mappings)."""
     descriptor = Descriptor()
+    extent_lines: list[str] = []
     for number, line in enumerate(decode(raw).splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        if _EXTENT_LINE.match(line) or line.split(None, 1)[0] in ("RW", "RDONLY", "NOACCESS"):
-            if len(descriptor.extents) >= MAX_EXTENTS:
+        if line.split(None, 1)[0] in ("RW", "RDONLY", "NOACCESS"):
+            if len(extent_lines) >= MAX_EXTENTS:
                 raise CorruptImage("VMDK descriptor lists too many extents", reason="vmdk.descriptor-size")
-            descriptor.extents.append(parse_extent_line(line))
+            extent_lines.append(line)
             continue
         match = _KEY_LINE.match(line)
         if not match:
@@ -157,6 +158,7 @@ def parse(raw: bytes) -> Descriptor:
     descriptor.parent_cid = descriptor.keys.get("parentCID", NO_PARENT)
     check_not_delta(descriptor)
     check_create_type(descriptor.create_type)
+    descriptor.extents = [parse_extent_line(line) for line in extent_lines]
     return descriptor
 
 
