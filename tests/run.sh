@@ -18,17 +18,25 @@ if [ ${#need[@]} -gt 0 ]; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
+# Debian's own Python refuses pip installs (PEP 668): use a virtual environment there.
+PY=python3
+if [ -z "${VIRTUAL_ENV:-}" ] && python3 -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))'; then
+  python3 -m venv .venv 2>/dev/null || { as_root apt-get install -y -qq python3-venv >/dev/null; python3 -m venv .venv; }
+  PY=.venv/bin/python
+fi
+
 # The package with its test extras, built in place (the Cython extension included).
-python3 -m pip install -q --disable-pip-version-check -e '.[test]'
-python3 setup.py -q build_ext --inplace >/dev/null
+$PY -m pip install -q --disable-pip-version-check -e '.[test]'
+$PY setup.py -q build_ext --inplace >/dev/null
 
 echo "== lint and types"
-python3 -m ruff check vmied tests bench
-python3 -m mypy
+$PY -m ruff check vmied tests bench
+$PY -m mypy
 
 echo "== the suite (Cython kernels)"
-python3 -m pytest -q -p no:cacheprovider "$@"
+$PY -m pytest -q -p no:cacheprovider "$@"
 
 echo "== the kernels' pure-Python twins (VMIED_NO_EXTENSIONS=1) on the format and kernel tests"
-VMIED_NO_EXTENSIONS=1 python3 -m pytest -q -p no:cacheprovider tests/test_fastio.py tests/test_extents.py \
+VMIED_NO_EXTENSIONS=1 $PY -m pytest -q -p no:cacheprovider tests/test_fastio.py tests/test_extents.py \
   tests/test_vmdk.py -k "not multi_extent"
