@@ -119,8 +119,14 @@ def test_deployment_option_and_property_capacity() -> None:
 
 @pytest.mark.parametrize(
     ("capacity", "units", "expected"),
-    [("1", "byte * 2^30", 1 << 30), ("8589934592", None, 8 << 30), ("1536", "byte*2^20", 1536 << 20),
-     ("2", "byte * 10^9", 2 * 10**9), ("100", "MegaBytes", 100 << 20), ("94371840", "byte", 94371840)],
+    [
+        ("1", "byte * 2^30", 1 << 30),
+        ("8589934592", None, 8 << 30),
+        ("1536", "byte*2^20", 1536 << 20),
+        ("2", "byte * 10^9", 2 * 10**9),
+        ("100", "MegaBytes", 100 << 20),
+        ("94371840", "byte", 94371840),
+    ],
 )
 def test_capacity_units(capacity: str, units: str | None, expected: int) -> None:
     parsed = ovf.parse_descriptor(descriptor(ONE_FILE, disk(capacity, units)))
@@ -129,9 +135,15 @@ def test_capacity_units(capacity: str, units: str | None, expected: int) -> None
 
 @pytest.mark.parametrize(
     ("capacity", "units", "reason"),
-    [("${size}", "byte", "ovf.capacity"), ("abc", "byte", "ovf.number"), ("0", "byte", "ovf.capacity"),
-     ("1", "byte * 2^70", "ovf.units"), ("1", "bit", "ovf.units"), ("1" * 30, "byte", "ovf.number"),
-     ("65", "byte * 2^40", "ovf.capacity")],
+    [
+        ("${size}", "byte", "ovf.capacity"),
+        ("abc", "byte", "ovf.number"),
+        ("0", "byte", "ovf.capacity"),
+        ("1", "byte * 2^70", "ovf.units"),
+        ("1", "bit", "ovf.units"),
+        ("1" * 30, "byte", "ovf.number"),
+        ("65", "byte * 2^40", "ovf.capacity"),
+    ],
 )
 def test_bad_capacity_refused(capacity: str, units: str, reason: str) -> None:
     with pytest.raises(ImageError) as info:
@@ -251,8 +263,14 @@ def test_manifest_line_syntaxes() -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["MD5(x)= " + "a" * 32, "SHA1(x)= " + "a" * 39, "SHA256(x)= " + "g" * 64, "garbage",
-             "SHA1(x)= " + "a" * 40 + "\nSHA1(x)= " + "a" * 40]
+    "text",
+    [
+        "MD5(x)= " + "a" * 32,
+        "SHA1(x)= " + "a" * 39,
+        "SHA256(x)= " + "g" * 64,
+        "garbage",
+        "SHA1(x)= " + "a" * 40 + "\nSHA1(x)= " + "a" * 40,
+    ],
 )
 def test_bad_manifest_refused(text: str) -> None:
     with pytest.raises(CorruptImage) as info:
@@ -269,7 +287,9 @@ def test_written_descriptor_parses_back() -> None:
     parsed = ovf.parse_descriptor(ovf.padded(text, len(text) + 1000))
     assert parsed.version == "1.x"
     assert [(d.id, d.capacity, parsed.files[d.file_ref or ""].href) for d, _ in parsed.disk_order()] == [
-        ("vmdisk1", 10 << 20, "vm-disk1.vmdk"), ("vmdisk2", 1 << 30, "vm-disk2.vmdk")]
+        ("vmdisk1", 10 << 20, "vm-disk1.vmdk"),
+        ("vmdisk2", 1 << 30, "vm-disk2.vmdk"),
+    ]
     system = parsed.systems[0]
     assert (system.id, system.cpus, system.memory_bytes) == ("a&b", 2, 4 << 30)
     assert system.os == ovf.OsHint(102, "otherGuest64")
