@@ -10,7 +10,8 @@ from .ova import OvaReader, OvaWriter
 from .qcow2 import Qcow2Reader, Qcow2Writer
 from .raw import RawReader, RawWriter
 from .vhd import VhdReader, VhdWriter
+from .vhdx import VhdxReader, VhdxWriter
 from .vmdk import VmdkReader, VmdkWriter
 
-READERS: list[type[Reader]] = [Qcow2Reader, VmdkReader, VhdReader, OvaReader, RawReader]
-WRITERS: dict[str, type[Writer]] = {"raw": RawWriter, "ova": OvaWriter, "qcow2": Qcow2Writer, "vmdk": VmdkWriter, "vhd": VhdWriter}
+READERS: list[type[Reader]] = [Qcow2Reader, VmdkReader, VhdxReader, VhdReader, OvaReader, RawReader]
+WRITERS: dict[str, type[Writer]] = {"raw": RawWriter, "ova": OvaWriter, "qcow2": Qcow2Writer, "vmdk": VmdkWriter, "vhd": VhdWriter, "vhdx": VhdxWriter}
