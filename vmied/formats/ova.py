@@ -184,6 +184,15 @@ def pax_records(data: bytes) -> dict[str, str]:
     return records
 
 
+def pax_size(value: str | None, header_size: int) -> int:
+    """The member size: a pax ``size`` record overrides the header's (for members past 8 GiB)."""
+    if value is None:
+        return header_size
+    if not value.isdigit() or len(value) > 20:
+        raise _corrupt(f"tar pax size {value[:40]!r} is not a number", "tar_pax")
+    return int(value)
+
+
 def member_name(name: str) -> str:
     """Member names as tar tools write them for files in the current directory."""
     while name.startswith("./"):
@@ -195,8 +204,7 @@ def check_member_type(header: TarHeader) -> None:
     """An OVA holds plain files: links and devices are refused, and tar features vmied does not read."""
     if header.typeflag in LINK_OR_DEVICE:
         raise _refuse(
-            f"OVA member {header.name!r} is a {LINK_OR_DEVICE[header.typeflag]}; "
-            "an OVA may only hold plain files",
+            f"OVA member {header.name!r} is a {LINK_OR_DEVICE[header.typeflag]}; an OVA may only hold plain files",
             "member_type",
         )
     if header.typeflag not in (*REGULAR_TYPES, DIRECTORY):
@@ -225,7 +233,7 @@ async def read_index(source: Source) -> list[Member]:
         if header is None:
             break
         data_offset = offset + BLOCK
-        size = int(pending["size"]) if pending.get("size", "").isdigit() else header.size
+        size = pax_size(pending.get("size"), header.size)
         if data_offset + size > source.size:
             raise _corrupt(
                 f"OVA member {header.name!r} ({size} bytes at offset {data_offset}) runs past the "
@@ -252,19 +260,6 @@ async def read_index(source: Source) -> list[Member]:
     return members
 
 
-def first_member_name(head: bytes) -> str | None:
-    """The name of the first member as far as ``head`` shows it (the probe's view)."""
-    header = parse_header(head[:BLOCK], 0) if is_tar_header(head) else None
-    if header is None:
-        return None
-    data = head[BLOCK : BLOCK + header.size]
-    if header.typeflag == GNU_LONG_NAME:
-        return member_name(_text(data))
-    if header.typeflag == PAX_HEADER:
-        return member_name(pax_records(data).get("path", "")) or None
-    return member_name(header.name)
-
-
 # --- The appliance -------------------------------------------------------------------------------
 
 
@@ -281,9 +276,7 @@ def file_members(file: OvfFile, members: dict[str, Member]) -> list[Member]:
     """The members holding ``file``: itself, or its chunks; refuse missing members and wrong sizes."""
     if file.chunk_size is None:
         if file.href not in members:
-            raise _corrupt(
-                f"OVA does not contain {file.href}, which its descriptor references", "missing_file"
-            )
+            raise _corrupt(f"OVA does not contain {file.href}, which its descriptor references", "missing_file")
         found = [members[file.href]]
     else:
         found = []
@@ -298,9 +291,7 @@ def file_members(file: OvfFile, members: dict[str, Member]) -> list[Member]:
             raise _corrupt(f"OVA chunks of {file.href} are not {file.chunk_size} bytes each", "file_size")
     total = sum(m.size for m in found)
     if file.size is not None and total != file.size:
-        raise _corrupt(
-            f"OVA member {file.href} holds {total} bytes; the descriptor says {file.size}", "file_size"
-        )
+        raise _corrupt(f"OVA member {file.href} holds {total} bytes; the descriptor says {file.size}", "file_size")
     return found
 
 
@@ -319,6 +310,7 @@ class ApplianceDisk:
     system: VirtualSystem | None
     file: OvfFile | None
     members: list[Member]
+    content_format: str = ""  # what the disk file's content is ("empty" for a disk to create)
 
     async def source(self, digests: list[tuple[ManifestEntry, DigestingSource]] | None = None) -> Source:
         """The disk file as a source; with ``digests``, members listed in the manifest are digested."""
@@ -341,12 +333,12 @@ class ApplianceDisk:
         await reader.load_disk(self.appliance, self.index)
         return reader
 
-    def describe(self, content_format: str) -> dict[str, object]:
+    def describe(self) -> dict[str, object]:
         return {
             "id": self.disk.id,
             "capacity": self.disk.capacity,
             "href": self.file.href if self.file else None,
-            "format": content_format,
+            "format": self.content_format,
             "ovf_format": self.disk.format,
             "boot_order": self.index,
             "system": self.system.id if self.system else None,
@@ -391,7 +383,8 @@ async def load_manifest(
 async def open_appliance(source: Source, workers: Workers) -> Appliance:
     """Index the archive, parse and check the descriptor and manifest, and list the disks in boot order.
 
-    Everything that can be refused without reading disk data is refused here.
+    Everything that can be refused before disk data moves is refused here, including a disk file
+    whose content is not an image vmied reads (each disk's metadata is opened once to check it).
     """
     members = await read_index(source)
     if not members or not members[0].name.lower().endswith(".ovf"):
@@ -408,6 +401,8 @@ async def open_appliance(source: Source, workers: Workers) -> Appliance:
         appliance.disks.append(ApplianceDisk(appliance, index, disk, system, file, found))
     if not appliance.disks:
         raise _refuse("OVA descriptor lists no disks", "no_disk")
+    for entry in appliance.disks:
+        entry.content_format = await disk_format(entry)
     return appliance
 
 
@@ -425,7 +420,6 @@ class OvaReader(Reader):
         self.disk: ApplianceDisk | None = None
         self.inner: Reader | None = None
         self.digests: list[tuple[ManifestEntry, DigestingSource]] = []
-        self.formats: list[str] = []
 
     @classmethod
     def probe(cls, head: bytes, tail: bytes, size: int) -> bool:
@@ -433,9 +427,7 @@ class OvaReader(Reader):
         return is_tar_header(head)
 
     async def load(self) -> None:
-        appliance = await open_appliance(self.source, self.workers)
-        self.formats = [await disk_format(disk) for disk in appliance.disks]
-        await self.load_disk(appliance, 0)
+        await self.load_disk(await open_appliance(self.source, self.workers), 0)
 
     async def load_disk(self, appliance: Appliance, index: int) -> None:
         self.appliance, self.disk = appliance, appliance.disks[index]
@@ -457,7 +449,7 @@ class OvaReader(Reader):
     def info(self) -> ImageInfo:
         assert self.appliance is not None and self.disk is not None
         inner = self.inner.info() if self.inner else None
-        disks = [d.describe(f) for d, f in zip(self.appliance.disks, self.formats, strict=False)]
+        disks = [disk.describe() for disk in self.appliance.disks]
         problems = list(inner.problems) if inner else []
         if self.virtual_size != self.disk.disk.capacity:
             problems.append(
@@ -500,6 +492,7 @@ async def disk_format(disk: ApplianceDisk) -> str:
     if disk.file is None:
         return "empty"
     reader = await open_inner(await disk.source(), disk.appliance.workers)
+    await reader.close()
     return reader.format
 
 

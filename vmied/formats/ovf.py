@@ -263,9 +263,7 @@ def parse_file(elem: ET.Element, ns: str) -> OvfFile:
     chunk = attr(elem, ns, "chunkSize")
     compression = attr(elem, ns, "compression") or ""
     if compression not in ("", "identity", "gzip"):
-        raise _refuse(
-            f"OVF File {href} uses compression {compression!r} (only gzip is supported)", "compression"
-        )
+        raise _refuse(f"OVF File {href} uses compression {compression!r} (only gzip is supported)", "compression")
     return OvfFile(
         id=file_id,
         href=check_href(href),
@@ -298,9 +296,7 @@ def resolve_capacity(disk_id: str, text: str | None, properties: dict[str, str])
         return text
     key = match.group(1)
     if key not in properties:
-        raise _refuse(
-            f"OVF disk {disk_id} capacity {text} names a property with no default value", "capacity"
-        )
+        raise _refuse(f"OVF disk {disk_id} capacity {text} names a property with no default value", "capacity")
     return properties[key]
 
 
@@ -309,9 +305,7 @@ def parse_disk(elem: ET.Element, ns: str, properties: dict[str, str]) -> OvfDisk
     if not disk_id:
         raise _corrupt("OVF Disk element without ovf:diskId", "disk")
     if attr(elem, ns, "parentRef"):
-        raise _refuse(
-            f"OVF disk {disk_id} is a delta disk (parentRef); delta disks are not supported", "delta"
-        )
+        raise _refuse(f"OVF disk {disk_id} is a delta disk (parentRef); delta disks are not supported", "delta")
     capacity_text = resolve_capacity(disk_id, attr(elem, ns, "capacity"), properties)
     units = allocation_unit(attr(elem, ns, "capacityAllocationUnits"))
     capacity = parse_int(capacity_text, f"disk {disk_id} capacity", MAX_CAPACITY) * units
@@ -356,12 +350,8 @@ def boot_order(items: list[ET.Element], disks: dict[str, OvfDisk]) -> tuple[str,
         if disk_id is None:
             continue
         if disk_id not in disks:
-            raise _corrupt(
-                f"OVF hardware names disk {disk_id!r}, which DiskSection does not list", "disk_ref"
-            )
-        controller = controllers.get(
-            field_text(item, "Parent") or "", (len(CONTROLLER_RANK), 1 << 31, 1 << 31)
-        )
+            raise _corrupt(f"OVF hardware names disk {disk_id!r}, which DiskSection does not list", "disk_ref")
+        controller = controllers.get(field_text(item, "Parent") or "", (len(CONTROLLER_RANK), 1 << 31, 1 << 31))
         attached.append((controller, _number(field_text(item, "AddressOnParent")), index, disk_id))
     return tuple(dict.fromkeys(disk_id for *_, disk_id in sorted(attached)))
 
@@ -379,9 +369,7 @@ def os_hint(system: ET.Element, ns: str) -> OsHint | None:
 
 def default_configuration(root: ET.Element, ns: str) -> str | None:
     """The deployment option an importer uses unless told otherwise: the default, else the first."""
-    options = [
-        c for section in children(root, "DeploymentOptionSection") for c in children(section, "Configuration")
-    ]
+    options = [c for section in children(root, "DeploymentOptionSection") for c in children(section, "Configuration")]
     for option in options:
         if (attr(option, ns, "default") or "").lower() in ("true", "1"):
             return attr(option, ns, "id")
@@ -402,8 +390,7 @@ def selected(items: list[ET.Element], ns: str, configuration: str | None) -> lis
     return [
         item
         for item in items
-        if attr(item, ns, "configuration") is None
-        or configuration in (attr(item, ns, "configuration") or "").split()
+        if attr(item, ns, "configuration") is None or configuration in (attr(item, ns, "configuration") or "").split()
     ]
 
 
@@ -434,9 +421,7 @@ def virtual_systems(elem: ET.Element) -> Iterator[ET.Element]:
             yield from virtual_systems(child)
 
 
-def parse_system(
-    elem: ET.Element, ns: str, disks: dict[str, OvfDisk], configuration: str | None
-) -> VirtualSystem:
+def parse_system(elem: ET.Element, ns: str, disks: dict[str, OvfDisk], configuration: str | None) -> VirtualSystem:
     every = hardware_items(elem)
     items = selected(every, ns, configuration)
     cpus, memory = sizing(items)
@@ -561,9 +546,7 @@ VMDK_STREAM_URI = "http://www.vmware.com/interfaces/specifications/vmdk.html#str
 
 def _item(fields: dict[str, str | int]) -> str:
     """A RASD Item; the CIM schema declares its elements in alphabetical order, so write them so."""
-    body = "".join(
-        f"        <rasd:{key}>{escape(str(value))}</rasd:{key}>\n" for key, value in sorted(fields.items())
-    )
+    body = "".join(f"        <rasd:{key}>{escape(str(value))}</rasd:{key}>\n" for key, value in sorted(fields.items()))
     return f"      <Item>\n{body}      </Item>\n"
 
 
@@ -641,8 +624,8 @@ def build_descriptor(hardware: Hardware, disks: list[DiskSpec]) -> bytes:
     )
     name = escape(hardware.name)
     text = f"""<?xml version="1.0" encoding="UTF-8"?>
-<Envelope xmlns="{NS_OVF_1}" xmlns:ovf="{NS_OVF_1}" xmlns:rasd="{NS_RASD}" xmlns:vssd="{NS_VSSD}" \
-xmlns:vmw="{NS_VMW}" xmlns:xsi="{NS_XSI}">
+<Envelope ovf:version="1.0" xml:lang="en-US" xmlns="{NS_OVF_1}" xmlns:ovf="{NS_OVF_1}" xmlns:rasd="{NS_RASD}" \
+xmlns:vssd="{NS_VSSD}" xmlns:vmw="{NS_VMW}" xmlns:xsi="{NS_XSI}">
   <References>
 {files}  </References>
   <DiskSection>
