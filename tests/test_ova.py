@@ -129,6 +129,7 @@ async def import_all(path: Path, tmp: Path) -> list[tuple[str, Path]]:
                 reader = await disk.open()
                 target = tmp / f"imported-{disk.index}.raw"
                 await read_disk(reader, target, workers)
+                await reader.close()  # the next disk still reads from the same archive
                 out.append((disk.file.href if disk.file else "", target))
     finally:
         await source.close()
@@ -304,30 +305,35 @@ def refuse(path: Path, tmp_path: Path) -> ImageError:
     return info.value
 
 
+def test_disk_to_create_reads_as_zeros_after_the_boot_disk(tmp_path: Path) -> None:
+    text, data = small_package(tmp_path)
+    empty = b'<Disk ovf:capacity="3" ovf:capacityAllocationUnits="byte * 2^20" ovf:diskId="scratch"/>'
+    text = text.replace(b"</DiskSection>", empty + b"</DiskSection>")
+    make_tar(tmp_path / "x.ova", [("x.ovf", text), ("a.vmdk", data)])
+    imported = asyncio.run(import_all(tmp_path / "x.ova", tmp_path))
+    assert [href for href, _ in imported] == ["a.vmdk", ""]
+    assert imported[1][1].read_bytes() == bytes(3 * MiB)
+
+
 def test_refusals(tmp_path: Path) -> None:
     text, data = small_package(tmp_path)
-    cases: dict[str, list[tuple[str, bytes]]] = {
-        "ova.no_ovf": [("a.vmdk", data), ("x.ovf", text)],
-        "ova.missing_file": [("x.ovf", text)],
-        "ova.file_size": [
-            ("x.ovf", text.replace(f'ovf:size="{len(data)}"'.encode(), b'ovf:size="7"')),
-            ("a.vmdk", data),
-        ],
-        "ovf.href": [("x.ovf", text.replace(b'ovf:href="a.vmdk"', b'ovf:href="../a.vmdk"')), ("a.vmdk", data)],
-        "ova.duplicate_member": [("x.ovf", text), ("a.vmdk", data), ("./a.vmdk", data)],
-        "format.unknown": [
-            ("x.ovf", text.replace(f'ovf:size="{len(data)}"'.encode(), b'ovf:size="4"')),
-            ("a.vmdk", b"ABCD"),
-        ],
-    }
+    sized = text.replace(f'ovf:size="{len(data)}"'.encode(), b'ovf:size="%d"')
+    chunked = text.replace(b'ovf:href="a.vmdk"', b'ovf:href="a.vmdk" ovf:chunkSize="4096"')
     inner = tmp_path / "inner.tar"
     make_tar(inner, [("y.ovf", text)])
-    cases["ova.nested"] = [
-        ("x.ovf", text.replace(f'ovf:size="{len(data)}"'.encode(), f'ovf:size="{inner.stat().st_size}"'.encode())),
-        ("a.vmdk", inner.read_bytes()),
+    cases: list[tuple[str, list[tuple[str, bytes]]]] = [
+        ("ova.no_ovf", [("a.vmdk", data), ("x.ovf", text)]),
+        ("ova.missing_file", [("x.ovf", text)]),
+        ("ova.missing_file", [("x.ovf", text), ("x.mf", manifest([("x.ovf", text), ("b.vmdk", b"")]))]),
+        ("ova.file_size", [("x.ovf", sized % 7), ("a.vmdk", data)]),
+        ("ova.file_size", [("x.ovf", chunked), ("a.vmdk.000000000", data[:1000]), ("a.vmdk.000000001", data[1000:])]),
+        ("ovf.href", [("x.ovf", text.replace(b'ovf:href="a.vmdk"', b'ovf:href="../a.vmdk"')), ("a.vmdk", data)]),
+        ("ova.duplicate_member", [("x.ovf", text), ("a.vmdk", data), ("./a.vmdk", data)]),
+        ("format.unknown", [("x.ovf", sized % 4), ("a.vmdk", b"ABCD")]),
+        ("ova.nested", [("x.ovf", sized % inner.stat().st_size), ("a.vmdk", inner.read_bytes())]),
     ]
-    for reason, members in cases.items():
-        path = tmp_path / f"{reason}.ova"
+    for number, (reason, members) in enumerate(cases):
+        path = tmp_path / f"{number}.ova"
         make_tar(path, members)
         assert refuse(path, tmp_path).reason == reason, reason
 

@@ -329,7 +329,9 @@ class ApplianceDisk:
         return source
 
     async def open(self) -> OvaReader:
+        """A reader of this disk; closing it leaves the appliance's source open for the other disks."""
         reader = OvaReader(self.appliance.source, self.appliance.workers)
+        reader.owns_source = False
         await reader.load_disk(self.appliance, self.index)
         return reader
 
@@ -365,8 +367,12 @@ async def read_member(source: Source, member: Member, limit: int, what: str) -> 
 async def load_manifest(
     source: Source, workers: Workers, by_name: dict[str, Member], ovf_member: Member, descriptor_bytes: bytes
 ) -> dict[str, ManifestEntry]:
-    """The manifest (if any), with its entries' members present and the descriptor's digest checked."""
-    manifests = [m for m in by_name.values() if m.name.lower().endswith(".mf")]
+    """The manifest (``<descriptor name>.mf``, else any ``.mf``), with its entries' members present and
+    the descriptor's digest checked."""
+    own = os.path.splitext(ovf_member.name)[0].lower() + ".mf"
+    manifests = sorted(
+        (m for m in by_name.values() if m.name.lower().endswith(".mf")), key=lambda m: m.name.lower() != own
+    )
     if not manifests:
         return {}
     manifest = ovf.parse_manifest(await read_member(source, manifests[0], ovf.MAX_MANIFEST, "manifest"))
@@ -420,6 +426,7 @@ class OvaReader(Reader):
         self.disk: ApplianceDisk | None = None
         self.inner: Reader | None = None
         self.digests: list[tuple[ManifestEntry, DigestingSource]] = []
+        self.owns_source = True
 
     @classmethod
     def probe(cls, head: bytes, tail: bytes, size: int) -> bool:
@@ -474,7 +481,8 @@ class OvaReader(Reader):
     async def close(self) -> None:
         if self.inner is not None:
             await self.inner.close()
-        await super().close()
+        if self.owns_source:
+            await super().close()
 
 
 async def open_inner(source: Source, workers: Workers) -> Reader:
