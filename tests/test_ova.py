@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.helpers import (
+    CORPUS,
     MiB,
     convert_file,
     corpus_file,
@@ -30,7 +31,7 @@ from tests.helpers import (
     write_sparse_raw,
 )
 from vmied.errors import CorruptImage, ImageError, UnsupportedImage
-from vmied.extents import Extent, checked
+from vmied.extents import Extent, Kind, checked
 from vmied.formats import ova, ovf
 from vmied.formats.raw import RawReader, RawWriter
 from vmied.io.base import Source
@@ -470,3 +471,19 @@ def test_round_trip_layouts(tmp_path_factory: pytest.TempPathFactory, seed: int,
     convert_file(raw, tmp / "r.ova", "ova", input_format="raw")
     convert_file(tmp / "r.ova", tmp / "back.raw", "raw")
     assert sha256_file(tmp / "back.raw") == sha256_file(raw)
+
+
+async def test_virtualbox_export_from_corpus_with_its_manifest(tmp_path: Path) -> None:
+    names = ["ubuntu.2.0.ovf", "ubuntu.2.0.mf", "ubuntu.2.0-disk1.vmdk"]
+    files = [CORPUS / "files/cot" / name for name in names]
+    if not all(f.exists() for f in files):
+        pytest.skip("corpus absent")
+    make_tar(tmp_path / "u.ova", [(f.name, f.read_bytes()) for f in files])
+    source = await FileSource.open(str(tmp_path / "u.ova"))
+    with Workers() as workers:
+        reader = await ova.OvaReader.open(source, workers)
+        assert isinstance(reader, ova.OvaReader)
+        kinds = {extent.kind async for extent in checked(reader.extents(), reader.virtual_size)}
+        assert reader.virtual_size == 8 << 30 and kinds == {Kind.ZERO}
+        assert [entry.name for entry, _ in reader.digests] == ["ubuntu.2.0-disk1.vmdk"]
+        await reader.close()

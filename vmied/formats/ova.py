@@ -375,7 +375,9 @@ async def load_manifest(
     )
     if not manifests:
         return {}
-    manifest = ovf.parse_manifest(await read_member(source, manifests[0], ovf.MAX_MANIFEST, "manifest"))
+    manifest = await workers.run(
+        ovf.parse_manifest, await read_member(source, manifests[0], ovf.MAX_MANIFEST, "manifest")
+    )
     for name in manifest:
         if name not in by_name:
             raise _corrupt(f"OVA manifest lists {name}, which the archive does not contain", "missing_file")
@@ -398,7 +400,7 @@ async def open_appliance(source: Source, workers: Workers) -> Appliance:
         raise _refuse(f"OVA has no OVF descriptor as its first member (it starts with {first})", "no_ovf")
     by_name = index_by_name(members)
     descriptor_bytes = await read_member(source, members[0], ovf.MAX_DESCRIPTOR, "descriptor")
-    descriptor = ovf.parse_descriptor(descriptor_bytes)
+    descriptor = await workers.run(ovf.parse_descriptor, descriptor_bytes)  # up to 16 MiB of XML
     manifest = await load_manifest(source, workers, by_name, members[0], descriptor_bytes)
     appliance = Appliance(source, workers, members[0].name, descriptor, manifest, [])
     for index, (disk, system) in enumerate(descriptor.disk_order()):
