@@ -481,8 +481,6 @@ class VhdWriter(Writer):
         await self.sink.write(build_dynamic_header(table_offset, entries, WRITE_BLOCK))
         bat = array("I", [BAT_UNUSED]) * entries
         placeholder = await self.sink.reserve(-(-4 * entries // SECTOR) * SECTOR)
-        # Start the first bitmap so that every block's data is 4 KiB aligned in the file.
-        await self.sink.skip(-(self.sink.position + SECTOR) % 4096)
         bitmap = b"\xff" * bitmap_size(WRITE_BLOCK)
 
         async def classify(item: tuple[int, list[Extent]]) -> tuple[int, list[Extent]]:
@@ -492,6 +490,8 @@ class VhdWriter(Writer):
         async for index, pieces in ordered_map(classify, stream):
             if all(piece.kind is Kind.ZERO for piece in pieces):
                 continue  # an all-zero block stays unallocated
+            # Place the bitmap so that the block's data is 4 KiB aligned in the file, as Windows does.
+            await self.sink.skip(-(self.sink.position + SECTOR) % 4096)
             bat[index] = self.sink.position // SECTOR
             await self.sink.write(bitmap)
             await write_block_body(self.sink, pieces, WRITE_BLOCK)
