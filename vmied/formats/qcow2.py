@@ -101,7 +101,6 @@ COMPRESSION_NAMES = {COMPRESSION_ZLIB: "zlib", COMPRESSION_ZSTD: "zstd"}
 EXT_END = 0x00000000
 EXT_BACKING_FORMAT = 0xE2792ACA
 EXT_FEATURE_NAMES = 0x6803F857
-EXT_CRYPTO = 0x0537BE77
 EXT_DATA_FILE = 0x44415441
 FEATURE_NAME = struct.Struct(">BB46s")  # type (0 incompatible), bit number, name
 
@@ -231,10 +230,6 @@ def big_endian(values: array[int]) -> bytes:
     return swapped.tobytes()
 
 
-def l1_entries_for(virtual_size: int, cluster_bits: int, extended_l2: bool = False) -> int:
-    return Geometry(cluster_bits, virtual_size, 0, 3, extended_l2).l1_entries
-
-
 # --------------------------------------------------------------------------------------------
 # Bounded parsing and the named safety checks
 # --------------------------------------------------------------------------------------------
@@ -330,8 +325,11 @@ def check_refusals(header: Header, extensions: dict[int, bytes], backing_name: s
             reason="qcow2.encrypted",
         )
     if backing_name is not None:
+        backing_format = extensions.get(EXT_BACKING_FORMAT, b"").decode("utf-8", "replace")
         raise UnsupportedImage(
-            f"qcow2 image has a backing file {backing_name!r}: it only holds the differences from that "
+            f"qcow2 image has a backing file {backing_name!r}"
+            + (f" (format {backing_format})" if backing_format else "")
+            + ": it only holds the differences from that "
             "image; convert the full chain first (qemu-img convert) and import the result",
             reason="qcow2.backing_file",
         )
@@ -411,7 +409,9 @@ class Metadata:
             if offset < end and start < offset + length:
                 return what
         first, last = offset // self.cluster_size, (offset + max(length, 1) - 1) // self.cluster_size
-        if any(cluster in self.l2_clusters for cluster in range(first, last + 1)):
+        if first == last:  # the common case, once per data cluster: keep it cheap
+            return "an L2 table" if first in self.l2_clusters else None
+        if not self.l2_clusters.isdisjoint(range(first, last + 1)):
             return "an L2 table"
         return None
 
@@ -555,8 +555,12 @@ def l2_runs(table: bytes, region: int, geometry: Geometry, metadata: Metadata) -
     cs = geometry.cluster_size
     first = region * geometry.l2_entries
     count = min(geometry.l2_entries, -(-geometry.virtual_size // cs) - first)
-    words = from_big_endian("Q", table[: count * (16 if geometry.extended_l2 else 8)])
+    used = table[: count * (16 if geometry.extended_l2 else 8)]
     builder = RunBuilder()
+    if is_zero(used):  # an allocated but empty table (preallocated metadata): skip the loop
+        builder.zero(first * cs, min(count * cs, geometry.virtual_size - first * cs))
+        return builder.runs
+    words = from_big_endian("Q", used)
     step = 2 if geometry.extended_l2 else 1
     for index in range(count):
         guest = (first + index) * cs
@@ -689,7 +693,9 @@ def inflate_run(run: Run, span: bytes, cluster_size: int, compression: int) -> l
         parts.append(
             decompress_cluster(memoryview(span)[start : start + size], cluster_size, compression, host)
         )
-    data = b"".join(parts)[: run.length]
+    data = b"".join(parts)
+    if len(data) > run.length:  # the disk ends inside the last cluster
+        data = data[: run.length]
     return split_zero_runs(run.offset, data)
 
 
@@ -809,13 +815,26 @@ class Qcow2Reader(Reader):
         if run.kind is RunKind.ZERO:
             return [Extent.zero(run.offset, run.length)]
         if run.kind is RunKind.DATA:
-            data = await self.source.read_exact(run.host, run.length, "qcow2 data clusters")
-            return await self.workers.run(split_zero_runs, run.offset, data)
+            return await self._read_data(run)
         end = min(run.host_end, self.source.size)
         span = await self.source.read_exact(run.host, end - run.host, "qcow2 compressed clusters")
         return await self.workers.run(
             inflate_run, run, span, self.geometry.cluster_size, self.header.compression_type
         )
+
+    async def _read_data(self, run: Run) -> list[Extent]:
+        """Data clusters, skipping holes the source knows of (metadata-preallocated images)."""
+        out: list[Extent] = []
+        delta = run.offset - run.host  # guest offset minus host offset
+        position, end = run.host, run.host + run.length
+        for start, stop in [*await self.source.allocated(position, end), (end, end)]:
+            if start > position:
+                out.append(Extent.zero(position + delta, start - position))
+            if stop > start:
+                data = await self.source.read_exact(start, stop - start, "qcow2 data clusters")
+                out += await self.workers.run(split_zero_runs, start + delta, data)
+            position = max(position, stop)
+        return out
 
 
 def read_backing_name(header: Header, head: bytes) -> str | None:
@@ -999,7 +1018,7 @@ class Qcow2Writer(Writer):
         async def encode(batch: list[tuple[int, list[Extent]]]) -> list[Encoded]:
             return await self.workers.run(encode_clusters, batch, cs, compression)
 
-        batches = batched(blocks(inflated(extents, self.workers), cs), max(1, MAX_RUN // cs))
+        batches = batched(blocks(data_only(inflated(extents, self.workers)), cs), max(1, MAX_RUN // cs))
         async for encoded in ordered_map(encode, batches):
             for cluster in encoded:
                 await self._place(cluster)
@@ -1089,6 +1108,14 @@ class Qcow2Writer(Writer):
         table_offset = self.position
         await self.sink.write(self.refcounts.table_bytes(table_clusters))
         return table_offset, table_clusters
+
+
+async def data_only(extents: AsyncIterator[Extent]) -> AsyncIterator[Extent]:
+    """Drop ZERO extents: zero clusters stay unallocated, and a terabyte hole then costs nothing
+    instead of one step per cluster in blocks()."""
+    async for extent in extents:
+        if extent.kind is not Kind.ZERO:
+            yield extent
 
 
 async def batched(
