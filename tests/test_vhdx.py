@@ -289,6 +289,10 @@ def test_log_refusals(tmp_path: Path) -> None:
     refused(tmp_path, build_vhdx(log=truncated, log_guids=(LOG_GUID, LOG_GUID)), "vhdx.log_truncated")
     into_headers = log_entry(1, [(64 * 1024, 4096)])
     refused(tmp_path, build_vhdx(log=into_headers, log_guids=(LOG_GUID, LOG_GUID)), "vhdx.log_entry")
+    # every sector starts an entry claiming the whole log: refused before (log size)^2 of CRC work
+    claim = vhdx.LOG_ENTRY.pack(b"loge", 0, MiB, 0, 1, 0, 0, LOG_GUID, 0, 0).ljust(4096, b"\0")
+    refused(tmp_path, build_vhdx(log=claim * 256, log_guids=(LOG_GUID, LOG_GUID)), "vhdx.log_entry")
+    vhdx.check_log_work(claim * 256, bytes(16))  # entries of another log cost nothing
 
 
 # ---------------------------------------------------------------------------------------------------

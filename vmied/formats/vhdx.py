@@ -330,12 +330,12 @@ def check_bat_entry(block: int, entry: int, length: int, file_size: int) -> int:
     return offset
 
 
-def block_offsets(bat: bytes, meta: Metadata, file_size: int) -> list[int]:
+def block_offsets(bat: bytes, meta: Metadata, file_size: int) -> array[int]:
     """Each payload block's file offset (0 when it reads as zero), checked, no two blocks overlapping."""
     entries = array("Q", bat)
     if sys.byteorder == "big":
         entries.byteswap()
-    offsets = []
+    offsets = array("Q")
     for block in range(meta.payload_blocks):
         length = min(meta.block_size, meta.virtual_size - block * meta.block_size)
         offsets.append(check_bat_entry(block, entries[bat_index(block, meta.chunk_ratio)], length, file_size))
@@ -402,10 +402,25 @@ def parse_log_entry(log: bytes, position: int, log_guid: bytes) -> LogEntry | No
     return LogEntry(position, length, tail, sequence, flushed, last, tuple(writes))
 
 
+def check_log_work(log: bytes, log_guid: bytes) -> None:
+    """Refuse a log whose candidate entries would take more than 16 passes over it to checksum.
+
+    Each 4 KiB sector may start an entry claiming the whole log: a hostile log could otherwise make
+    the search cost (log size)^2 / 4 KiB bytes of CRC. Real logs claim about one pass in total.
+    """
+    work = 0
+    for position in range(0, len(log), LOG_SECTOR):
+        if log[position : position + 4] == LOG_ENTRY_SIGNATURE and log[position + 32 : position + 48] == log_guid:
+            work += struct.unpack_from("<I", log, position + 8)[0]
+    if work > 16 * len(log):
+        raise CorruptImage(f"VHDX log entries claim {work} bytes in a {len(log)}-byte log", reason="vhdx.log_entry")
+
+
 def active_sequence(log: bytes, log_guid: bytes) -> list[LogEntry]:
     """The log's active sequence (§2.3.3): among chains of valid entries that follow each other with
     consecutive sequence numbers, the one with the highest head sequence number whose head's Tail
     names an entry of the chain; returned from that tail entry to the head. Empty if there is none."""
+    check_log_work(log, log_guid)
     entries = {p: e for p in range(0, len(log), LOG_SECTOR) if (e := parse_log_entry(log, p, log_guid))}
     successor: dict[int, int] = {}
     for position, entry in entries.items():
@@ -500,7 +515,7 @@ class VhdxReader(Reader):
 
     meta: Metadata
     file: ReplayedFile
-    offsets: list[int]
+    offsets: array[int]
     replayed_entries = 0
 
     @classmethod
@@ -540,7 +555,7 @@ class VhdxReader(Reader):
             self.file.apply(entries)
             self.replayed_entries = len(entries)
 
-    async def _load_bat(self, region: Region) -> list[int]:
+    async def _load_bat(self, region: Region) -> array[int]:
         needed = 8 * self.meta.bat_entries
         if needed > MAX_BAT_BYTES:
             raise UnsupportedImage(f"VHDX BAT of {needed} bytes is larger than vmied reads",
@@ -687,7 +702,8 @@ class VhdxWriter(Writer):
             return item[0], await split_block(self.workers, item[1])
 
         stream = blocks(inflated(extents, self.workers), block_size)
-        async for index, pieces in ordered_map(classify, stream, 4):  # 4 blocks of up to 256 MiB in flight
+        # A few blocks in flight: enough to keep the pool busy, bounded for 256 MiB blocks.
+        async for index, pieces in ordered_map(classify, stream, max(2, 128 * MiB // block_size)):
             if all(piece.kind is Kind.ZERO for piece in pieces):
                 continue  # stays PAYLOAD_BLOCK_NOT_PRESENT
             bat[bat_index(index, meta.chunk_ratio)] = (sink.position // MiB) << 20 | PAYLOAD_FULLY_PRESENT
