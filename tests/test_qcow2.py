@@ -9,6 +9,7 @@ import struct
 import subprocess
 import tempfile
 import tracemalloc
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -379,6 +380,16 @@ def test_corrupt_l1_entries(tmp_path: Path) -> None:
             assert refused(image, tmp_path).reason == reason
 
 
+def test_shared_l2_table(tmp_path: Path) -> None:
+    image = tmp_path / "two.qcow2"
+    qemu_img("create", "-f", "qcow2", image, "1G")
+    qemu_io(image, "write -P 1 0 64k", "write -P 2 600M 64k")
+    _, l1, l2 = header_fields(image)
+    patch(image, l1 + 8, struct.pack(">Q", l2 | 1 << 63))
+    error = refused(image, tmp_path)
+    assert error.reason == "qcow2.overlap" and "shared" in error.message
+
+
 def test_corrupt_l2_entries(tmp_path: Path) -> None:
     image = made_image(tmp_path)
     cluster, l1, l2 = header_fields(image)
@@ -458,7 +469,7 @@ def made_header(size: int, l1_size: int) -> bytearray:
 
 def test_entry_checks_name_the_problem() -> None:
     geometry = Geometry(16, 1 << 30, 1 << 20, 3, False)
-    metadata = Metadata(65536, [(0, 65536, "the header")], {3})
+    metadata = Metadata(65536, [(0, 65536, "the header")], array("Q", [3]))
     assert check_l1_entry(0, 0, geometry, metadata) == 0
     assert check_l1_entry(0x20000 | 1 << 63, 0, geometry, metadata) == 0x20000
     with pytest.raises(CorruptImage, match="overlaps an L2 table"):

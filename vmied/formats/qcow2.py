@@ -37,8 +37,10 @@ import struct
 import sys
 import zlib
 from array import array
+from bisect import bisect_left
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
+from itertools import pairwise
 from typing import ClassVar
 
 import deflate
@@ -402,16 +404,16 @@ class Metadata:
 
     cluster_size: int
     ranges: list[tuple[int, int, str]] = field(default_factory=list)
-    l2_clusters: set[int] = field(default_factory=set)
+    #: host cluster numbers of the L2 tables, sorted (8 bytes each: at most 32 MiB, like the L1)
+    l2_clusters: array[int] = field(default_factory=lambda: array("Q"))
 
     def what_overlaps(self, offset: int, length: int) -> str | None:
         for start, end, what in self.ranges:
             if offset < end and start < offset + length:
                 return what
         first, last = offset // self.cluster_size, (offset + max(length, 1) - 1) // self.cluster_size
-        if first == last:  # the common case, once per data cluster: keep it cheap
-            return "an L2 table" if first in self.l2_clusters else None
-        if not self.l2_clusters.isdisjoint(range(first, last + 1)):
+        index = bisect_left(self.l2_clusters, first)
+        if index < len(self.l2_clusters) and self.l2_clusters[index] <= last:
             return "an L2 table"
         return None
 
@@ -432,6 +434,16 @@ def check_l1_entry(entry: int, index: int, geometry: Geometry, metadata: Metadat
             f"qcow2 L2 table {index} at {offset:#x} overlaps {overlap}", reason="qcow2.overlap"
         )
     return offset
+
+
+def check_l2_tables_distinct(clusters: array[int], cluster_size: int) -> None:
+    """Each L1 entry of the active table has its own L2 table (``clusters`` sorted)."""
+    for previous, current in pairwise(clusters):
+        if previous == current:
+            raise CorruptImage(
+                f"qcow2 L2 table at {current * cluster_size:#x} is shared by two L1 entries",
+                reason="qcow2.overlap",
+            )
 
 
 def check_data_cluster(host: int, needed: int, guest: int, geometry: Geometry, metadata: Metadata) -> None:
@@ -725,7 +737,7 @@ class Qcow2Reader(Reader):
         self.geometry = Geometry(header.cluster_bits, header.size, size, header.version, header.extended_l2)
         self.l1_offsets = await self._load_l1()
 
-    async def _load_l1(self) -> list[int]:
+    async def _load_l1(self) -> array[int]:
         header, geometry = self.header, self.geometry
         cs = geometry.cluster_size
         count = check_l1_size(header, geometry)
@@ -748,17 +760,11 @@ class Qcow2Reader(Reader):
         ]
         self.metadata = Metadata(cs, [r for r in ranges if r[1] > r[0]])
         raw = await self.source.read_exact(header.l1_table_offset, count * 8, "qcow2 L1 table")
-        offsets = []
-        for index, (entry,) in enumerate(TABLE_ENTRY.iter_unpack(raw)):
-            offset = check_l1_entry(entry, index, geometry, self.metadata)
-            if offset:
-                if offset // cs in self.metadata.l2_clusters:
-                    raise CorruptImage(
-                        f"qcow2 L2 table {index} at {offset:#x} is shared with another L1 entry",
-                        reason="qcow2.overlap",
-                    )
-                self.metadata.l2_clusters.add(offset // cs)
-            offsets.append(offset)
+        offsets = from_big_endian("Q", raw)
+        for index, entry in enumerate(offsets):
+            offsets[index] = check_l1_entry(entry, index, geometry, self.metadata)
+        self.metadata.l2_clusters = array("Q", sorted(offset // cs for offset in offsets if offset))
+        check_l2_tables_distinct(self.metadata.l2_clusters, cs)
         return offsets
 
     def info(self) -> ImageInfo:
