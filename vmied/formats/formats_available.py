@@ -14,4 +14,5 @@ from .vhdx import VhdxReader, VhdxWriter
 from .vmdk import VmdkReader, VmdkWriter
 
 READERS: list[type[Reader]] = [Qcow2Reader, VmdkReader, VhdxReader, VhdReader, OvaReader, RawReader]
-WRITERS: dict[str, type[Writer]] = {"raw": RawWriter, "ova": OvaWriter, "qcow2": Qcow2Writer, "vmdk": VmdkWriter, "vhd": VhdWriter, "vhdx": VhdxWriter}
+WRITERS: dict[str, type[Writer]] = {"raw": RawWriter, "ova": OvaWriter, "qcow2": Qcow2Writer, "vmdk": VmdkWriter,
+                                    "vhd": VhdWriter, "vhdx": VhdxWriter}

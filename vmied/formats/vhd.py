@@ -393,7 +393,11 @@ class VhdReader(Reader):
         block = self.header.block_size if self.header else None
         subformat = "fixed" if footer.disk_type == DISK_FIXED else "dynamic"
         allocated = self.allocated * (block or 1)
-        return ImageInfo("vhd", self.virtual_size, subformat, allocated, block, details=details)
+        problems = []
+        if footer.chs_size != self.virtual_size:
+            problems.append(f"CHS geometry gives {footer.chs_size} bytes, Current Size {self.virtual_size}: "
+                            "vmied uses Current Size (qemu uses the CHS size for some creator applications)")
+        return ImageInfo("vhd", self.virtual_size, subformat, allocated, block, problems, details)
 
     async def extents(self) -> AsyncIterator[Extent]:
         if self.header is None:

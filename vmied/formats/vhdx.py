@@ -573,7 +573,9 @@ class VhdxReader(Reader):
         details = {"logical_sector_size": meta.logical_sector, "physical_sector_size": meta.physical_sector,
                    "log_entries_replayed": self.replayed_entries}
         subformat = "fixed" if meta.leave_allocated else "dynamic"
-        return ImageInfo("vhdx", self.virtual_size, subformat, allocated, meta.block_size, details=details)
+        problems = [f"dirty log: {self.replayed_entries} entries replayed in memory (the file is unchanged)"
+                    ] if self.replayed_entries else []
+        return ImageInfo("vhdx", self.virtual_size, subformat, allocated, meta.block_size, problems, details)
 
     async def extents(self) -> AsyncIterator[Extent]:
         async for extent in ordered_map(self._fetch, self._plan()):
