@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vmied.errors import CorruptImage, ImageError, UnsupportedImage
+from vmied.errors import CorruptImage, ImageError, UnsupportedImage, UsageError
 from vmied.formats import output_formats, vhd
 
 from .helpers import (
@@ -336,3 +336,14 @@ def test_check_functions_directly() -> None:
     assert vhd.bitmap_size(2 * MiB) == 512 and vhd.bitmap_size(4 * 1024 * MiB // 16) == 512 * 128
     assert vhd.present_runs(b"\xf0\x0f", 16) == [(0, 4, True), (4, 8, False), (12, 4, True)]
     assert vhd.output_size(MiB + 1, False) == MiB + 512 and vhd.output_size(MiB + 1, True) == 2 * MiB
+
+
+def test_writer_limits_and_options(tmp_path: Path) -> None:
+    src = tmp_path / "huge.raw"
+    with open(src, "wb") as f:
+        f.truncate(2041 << 30)  # sparse: refused before any data moves
+    with pytest.raises(UsageError, match="2040 GiB"):
+        convert_file(src, tmp_path / "out.vhd", "vhd", input_format="raw")
+    with pytest.raises(UsageError, match="subformat"):
+        convert_file(src, tmp_path / "out.vhd", "vhd", input_format="raw", options={"subformat": "differencing"})
+    assert not list(leftovers(tmp_path)) and not (tmp_path / "out.vhd").exists()
