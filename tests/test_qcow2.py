@@ -254,6 +254,21 @@ def test_empty_and_zero_disks(tmp_path: Path) -> None:
     qemu_img("compare", "-f", "raw", "-F", "qcow2", src, image)
 
 
+@pytest.mark.parametrize("size", [0, 1000, 65536 + 512])
+def test_tiny_and_odd_sizes(size: int, tmp_path: Path) -> None:
+    """qemu counts whole sectors: an odd size is rounded up so that no byte is lost."""
+    src = tmp_path / "odd.raw"
+    src.write_bytes(random.Random(size).randbytes(size))
+    image = tmp_path / "odd.qcow2"
+    convert_file(src, image, "qcow2", input_format="raw", options={"compress": "on"})
+    assert qemu_check(image)["check-errors"] == 0
+    back = tmp_path / "back.raw"
+    qemu_img("convert", "-O", "raw", image, back)
+    restored = back.read_bytes()
+    assert len(restored) == -(-size // 512) * 512
+    assert restored[:size] == src.read_bytes() and not any(restored[size:])
+
+
 @pytest.mark.parametrize("fmt", output_formats())
 def test_round_trip_through_every_format(fmt: str, tmp_path: Path) -> None:
     src = sparse_source(tmp_path / "src.raw", seed=11)

@@ -114,7 +114,7 @@ L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 L1E_RESERVED_MASK = 0x7F000000000001FF
 L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 L2E_STD_RESERVED_MASK = 0x3F000000000001FE
-COMPRESSED_SECTOR = 512
+COMPRESSED_SECTOR = SECTOR = 512
 #: Extended L2 entries: 32 subclusters; bitmap bits 0-31 "allocated", 32-63 "reads as zero".
 SUBCLUSTERS = 32
 ALL_ALLOC = (1 << SUBCLUSTERS) - 1
@@ -1031,24 +1031,23 @@ class Qcow2Writer(Writer):
         await self._finish_region()
         reftable_offset, reftable_clusters = await self._write_refcounts()
         header = Header(
-            3,
-            0,
-            0,
-            self.cluster_bits,
-            self.virtual_size,
-            0,
-            len(self.l1),
-            cs,
-            reftable_offset,
-            reftable_clusters,
-            0,
-            0,
-            INCOMPAT_COMPRESSION if self.compression_type == COMPRESSION_ZSTD else 0,
-            0,
-            0,
-            WRITE_REFCOUNT_ORDER,
-            V3_HEADER_LENGTH,
-            self.compression_type,
+            version=3,
+            backing_file_offset=0,
+            backing_file_size=0,
+            cluster_bits=self.cluster_bits,
+            # qemu sees whole 512-byte sectors only and would drop a shorter tail: round up
+            size=-(-self.virtual_size // SECTOR) * SECTOR,
+            crypt_method=0,
+            l1_size=len(self.l1),
+            l1_table_offset=cs,
+            refcount_table_offset=reftable_offset,
+            refcount_table_clusters=reftable_clusters,
+            nb_snapshots=0,
+            snapshots_offset=0,
+            incompatible=INCOMPAT_COMPRESSION if self.compression_type == COMPRESSION_ZSTD else 0,
+            refcount_order=WRITE_REFCOUNT_ORDER,
+            header_length=V3_HEADER_LENGTH,
+            compression_type=self.compression_type,
         )
         packed = header.pack()
         await self.sink.fill(header_slot, packed + bytes(cs - len(packed)))
