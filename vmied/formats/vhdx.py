@@ -496,9 +496,10 @@ def replayed_size(entries: list[LogEntry], file_size: int) -> int:
     limit = max(file_size, head.last_offset)
     for entry in entries:
         for offset, length, _ in entry.writes:
-            if offset < MiB or offset + length > max(limit, MAX_VIRTUAL_SIZE):
-                raise CorruptImage(f"VHDX log writes to offset {offset} (+{length}), outside the file",
-                                   reason="vhdx.log_entry")
+            # Headers are never updated through the log (§2.2.2); region tables and the rest may be.
+            if offset < REGION_TABLE_OFFSETS[0] or offset + length > 2 * MAX_VIRTUAL_SIZE:
+                raise CorruptImage(f"VHDX log writes to offset {offset} (+{length}), into the headers "
+                                   "or far past the file", reason="vhdx.log_entry")
             limit = max(limit, offset + length)
     if limit > 2 * MAX_VIRTUAL_SIZE:
         raise CorruptImage(f"VHDX log grows the file to {limit} bytes", reason="vhdx.log_entry")
