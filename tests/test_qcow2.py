@@ -140,7 +140,7 @@ def test_reads_qemu_images_bit_exact(variant: str, tmp_path: Path) -> None:
 @given(
     layout=st.lists(st.tuples(st.integers(0, 4 * MiB - 1), st.integers(1, 300_000)), max_size=12),
     compressed=st.booleans(),
-    cluster_size=st.sampled_from(["512", "4k", "64k"]),
+    cluster_size=st.sampled_from(["512", "4k", "64k", "64k-extended"]),
 )
 def test_reads_random_layouts(layout: list[tuple[int, int]], compressed: bool, cluster_size: str) -> None:
     size = 4 * MiB
@@ -148,9 +148,8 @@ def test_reads_random_layouts(layout: list[tuple[int, int]], compressed: bool, c
         src, image = Path(tmp) / "src.raw", Path(tmp) / "in.qcow2"
         write_sparse_raw(src, size, [(o, min(n, size - o)) for o, n in layout])
         flags = ["-c"] if compressed else []
-        qemu_img(
-            "convert", "-f", "raw", "-O", "qcow2", *flags, "-o", f"cluster_size={cluster_size}", src, image
-        )
+        options = cluster_size.replace("-extended", ",extended_l2=on")
+        qemu_img("convert", "-f", "raw", "-O", "qcow2", *flags, "-o", f"cluster_size={options}", src, image)
         assert to_raw(image, Path(tmp)).read_bytes() == src.read_bytes()
 
 
@@ -180,6 +179,47 @@ def test_reads_zero_clusters_subclusters_and_snapshots(tmp_path: Path) -> None:
         expected = tmp_path / f"{name}.expected"
         qemu_img("convert", "-O", "raw", image, expected)
         assert to_raw(image, tmp_path).read_bytes() == expected.read_bytes(), name
+
+
+def test_huge_sparse_disks_in_bounded_memory(tmp_path: Path) -> None:
+    """A 16 TiB qcow2 streams in flat memory; a 1 TiB sparse raw becomes a small qcow2."""
+    image = tmp_path / "huge.qcow2"
+    qemu_img("create", "-f", "qcow2", image, "16T")
+    qemu_io(image, "write -P 0x5a 12T 64k")
+    seen: list[tuple[int, bytes]] = []
+
+    async def stream() -> None:
+        source = await FileSource.open(str(image))
+        try:
+            with Workers() as workers:
+                reader = await open_reader(source, workers)
+                async for extent in reader.extents():
+                    if extent.data is not None:
+                        seen.append((extent.offset, bytes(extent.data)))
+        finally:
+            await source.close()
+
+    tracemalloc.start()
+    asyncio.run(stream())
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert seen == [(12 << 40, b"\x5a" * 65536)]
+    assert peak < 8 * MiB, peak
+
+    src = tmp_path / "huge.raw"
+    with open(src, "wb") as f:
+        f.truncate(1 << 40)
+        f.seek(700 << 30)
+        f.write(b"vmied" * 1000)
+    out = tmp_path / "huge-out.qcow2"
+    tracemalloc.start()
+    convert_file(src, out, "qcow2", input_format="raw")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 8 * MiB, peak
+    assert out.stat().st_size < 1 * MiB
+    assert qemu_check(out)["check-errors"] == 0
+    qemu_img("compare", "-f", "raw", "-F", "qcow2", src, out)
 
 
 def test_info_reports_the_header(tmp_path: Path) -> None:
