@@ -81,6 +81,8 @@ async def prefetch(items: AsyncIterable[T], depth: int = DEFAULT_DEPTH) -> Async
             async for item in items:
                 await queue.put((True, item))
             await queue.put((False, None))
+        except asyncio.CancelledError:
+            raise  # the consumer stopped: waiting to hand it anything would never end
         except BaseException as exc:  # handed to the consumer, which re-raises it
             await queue.put((False, exc))
 
