@@ -135,7 +135,7 @@ def s3_failure(exc: BaseException, location: S3Location, action: str) -> Excepti
             return StorageError(f"access denied: {action} on bucket {location.bucket!r} key "
                                 f"{location.key!r} ({text})", reason="s3.denied")
         if status == 404 or code in ("NoSuchKey", "NoSuchBucket", "NotFound"):
-            what = "bucket" if code == "NoSuchBucket" else "object"
+            what = {"NoSuchBucket": "bucket", "NoSuchKey": "object"}.get(code, "bucket or object")
             return StorageError(f"{action}: no such {what}: bucket {location.bucket!r} key "
                                 f"{location.key!r} ({text})", reason="s3.not_found")
         if code in TRANSIENT_CODES:

@@ -1,0 +1,346 @@
+"""S3 sources and sinks against real S3 servers on 127.0.0.1 (moto, SeaweedFS), with injected faults."""
+# ruff: noqa: F811  (the server fixtures are imported from tests.s3server)
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.faultproxy import Fault, fault_proxy
+from tests.helpers import MiB, convert_file, qemu_img, random_layout, sha256_file, write_sparse_raw
+from tests.s3server import (  # noqa: F401  (fixtures)
+    BUCKET,
+    S3Server,
+    aws_files,
+    environment,
+    fast_retries,
+    moto,
+    moto_server,
+    seaweed,
+    seaweed_server,
+)
+from vmied.convert import convert
+from vmied.errors import Cancelled, StorageError
+from vmied.formats.formats_available import WRITERS
+from vmied.io.base import Sink, Source
+from vmied.io.open import create_sink, open_source
+from vmied.io.s3 import (
+    FLAT_PARTS,
+    MAX_PART,
+    MAX_PARTS,
+    MIN_PART,
+    S3Config,
+    S3Location,
+    base_part_size,
+    part_size,
+)
+from vmied.pipeline import Progress, Workers
+
+ROOT = Path(__file__).resolve().parents[1]
+DISK = 24 * MiB
+
+
+@pytest.fixture(scope="module")
+def disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A sparse raw disk with scattered data, some of it in 64 KiB runs the readers see as zero."""
+    path = tmp_path_factory.mktemp("disk") / "disk.raw"
+    rng = random.Random(5)
+    write_sparse_raw(path, DISK, [*random_layout(rng, DISK, 20), (DISK - 3 * MiB, 2 * MiB)], seed=5)
+    return path
+
+
+def url(key: str) -> str:
+    return f"s3://{BUCKET}/{key}"
+
+
+async def run_convert(src: str, dst: str, output_format: str, src_config: S3Config | None = None,
+                      dst_config: S3Config | None = None, input_format: str | None = None,
+                      progress: Progress | None = None) -> tuple[Source, Sink]:
+    source = await open_source(src, src_config)
+    try:
+        sink = await create_sink(dst, dst_config)
+        with Workers() as workers:
+            await convert(source, sink, output_format, input_format=input_format, workers=workers,
+                          progress=progress or Progress())
+    finally:
+        await source.close()
+    return source, sink
+
+
+def download(server: S3Server, key: str, path: Path) -> Path:
+    server.client().download_file(BUCKET, key, str(path))
+    return path
+
+
+def s3_sha256(server: S3Server, key: str) -> str:
+    digest = hashlib.sha256()
+    body = server.client().get_object(Bucket=BUCKET, Key=key)["Body"]
+    while chunk := body.read(4 * MiB):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+# -- the part plan
+
+
+def test_part_plan_fits_the_s3_limits() -> None:
+    base = base_part_size(16 * MiB, None)
+    assert base == 16 * MiB
+    sizes = [part_size(i, base) for i in range(MAX_PARTS)]
+    assert all(MIN_PART <= s <= MAX_PART for s in sizes)
+    assert sum(sizes) >= 5 * (1 << 40)  # the S3 object limit fits without a size hint
+    assert set(sizes[:FLAT_PARTS]) == {base}
+    with pytest.raises(StorageError, match="10000 parts"):
+        part_size(MAX_PARTS, base)
+
+
+def test_part_size_grows_only_when_the_hint_needs_it() -> None:
+    assert base_part_size(16 * MiB, 10 * (1 << 30)) == 16 * MiB
+    hinted = base_part_size(16 * MiB, 2 * (1 << 40))
+    assert hinted % MiB == 0 and hinted * FLAT_PARTS >= 2 * (1 << 40) and hinted < 512 * MiB
+    assert base_part_size(1, None) == MIN_PART
+    assert base_part_size(16 * MiB, 1 << 60) == MAX_PART
+
+
+def test_location_parsing() -> None:
+    assert S3Location.parse("s3://b/a/b.vmdk") == S3Location("b", "a/b.vmdk")
+    for bad in ("s3://b", "s3:///k", "s3://b/dir/"):
+        with pytest.raises(Exception, match="s3://bucket/key"):
+            S3Location.parse(bad)
+
+
+# -- conversions through S3 match file-to-file ones
+
+
+@pytest.mark.parametrize("output_format", sorted(WRITERS))
+async def test_every_format_through_s3_matches_local(moto: S3Server, disk: Path, tmp_path: Path,
+                                                     output_format: str) -> None:
+    """file -> S3 (fmt) -> S3 (raw) -> file gives the disk back; the S3 output reads as the local one does."""
+    config = moto.config(part_size=MIN_PART, parts_in_flight=2)
+    await run_convert(str(disk), url(f"out.{output_format}"), output_format, dst_config=config,
+                      input_format="raw")
+    local = tmp_path / f"local.{output_format}"
+    await asyncio.to_thread(convert_file, disk, local, output_format, input_format="raw")
+    remote = download(moto, f"out.{output_format}", tmp_path / f"remote.{output_format}")
+    assert remote.stat().st_size == local.stat().st_size
+    await run_convert(url(f"out.{output_format}"), url("back.raw"), "raw", src_config=config,
+                      dst_config=config, input_format="raw" if output_format == "raw" else None)
+    assert s3_sha256(moto, "back.raw") == sha256_file(disk)
+    if output_format != "ova":
+        qemu_img("compare", "-f", "raw", disk, remote)
+    assert moto.uploads() == []
+
+
+async def test_small_output_is_one_put_and_large_is_multipart(moto: S3Server, tmp_path: Path) -> None:
+    small, large = tmp_path / "small.raw", tmp_path / "large.raw"
+    small.write_bytes(random.Random(1).randbytes(3 * MiB))
+    large.write_bytes(random.Random(2).randbytes(13 * MiB))
+    config = moto.config(part_size=MIN_PART)
+    for path in (small, large):
+        await run_convert(str(path), url(path.name), "raw", dst_config=config, input_format="raw")
+        assert s3_sha256(moto, path.name) == sha256_file(path)
+    client = moto.client()
+    assert "-" not in client.head_object(Bucket=BUCKET, Key="small.raw")["ETag"]
+    assert client.head_object(Bucket=BUCKET, Key="large.raw")["ETag"].endswith('-3"')
+
+
+async def test_placeholders_keep_their_parts_until_filled(moto: S3Server) -> None:
+    """Placeholders at the start and across a part boundary are filled after later parts went out."""
+    config = moto.config(part_size=MIN_PART, parts_in_flight=2)
+    sink = await create_sink(url("placeholders"), config)
+    rng = random.Random(3)
+    expected = bytearray()
+    head = await sink.reserve(4096)
+    expected += bytes(4096)
+    first = rng.randbytes(MIN_PART - 4096 - 100)
+    await sink.write(first)
+    expected += first
+    straddling = await sink.reserve(300)  # crosses the first part boundary
+    expected += bytes(300)
+    rest = rng.randbytes(3 * MIN_PART)
+    await sink.write(rest)
+    expected += rest
+    await sink.skip(MiB)
+    expected += bytes(MiB)
+    head_data, straddle_data = rng.randbytes(4096), rng.randbytes(300)
+    await sink.fill(straddling, straddle_data)
+    await sink.fill(head, head_data)
+    expected[0:4096] = head_data
+    expected[straddling.offset : straddling.offset + 300] = straddle_data
+    await sink.commit()
+    body = moto.client().get_object(Bucket=BUCKET, Key="placeholders")["Body"].read()
+    assert body == bytes(expected)
+
+
+async def test_read_with_one_identity_write_with_another(seaweed: S3Server, disk: Path) -> None:
+    seaweed.client().upload_file(str(disk), BUCKET, "disk.raw")
+    reader, writer = seaweed.config(profile="reader"), seaweed.config(profile="weed")
+    await run_convert(url("disk.raw"), url("copy.raw"), "raw", reader, writer, input_format="raw")
+    assert s3_sha256(seaweed, "copy.raw") == sha256_file(disk)
+    with pytest.raises(StorageError, match=r"access denied: s3:PutObject.*vmied-test.*copy2\.raw") as denied:
+        await run_convert(url("disk.raw"), url("copy2.raw"), "raw", reader, reader, input_format="raw")
+    assert denied.value.reason == "s3.denied"
+    assert seaweed.uploads() == [] and "copy2.raw" not in seaweed.objects()
+
+
+# -- refusals fail fast and name what was denied
+
+
+async def test_missing_object_fails_fast_naming_bucket_and_key(moto: S3Server) -> None:
+    config = moto.config(retry=fast_retries(attempts=3))
+    with pytest.raises(StorageError, match=r"no such .*: bucket 'vmied-test' key 'absent\.raw'") as missing:
+        await open_source(url("absent.raw"), config)
+    assert missing.value.reason == "s3.not_found"
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket-here'"):
+        await open_source("s3://no-such-bucket-here/x.raw", config)
+
+
+async def test_unknown_profile_is_a_storage_error(moto: S3Server) -> None:
+    with pytest.raises(StorageError, match="profile"):
+        await open_source(url("x.raw"), moto.config(profile="nobody"))
+
+
+async def test_object_changed_while_reading(moto: S3Server) -> None:
+    client = moto.client()
+    client.put_object(Bucket=BUCKET, Key="moving.raw", Body=bytes(2 * MiB))
+    source = await open_source(url("moving.raw"), moto.config())
+    try:
+        assert await source.read_at(0, 10) == bytes(10)
+        client.put_object(Bucket=BUCKET, Key="moving.raw", Body=b"\x01" * (2 * MiB))
+        with pytest.raises(StorageError, match="object changed while reading") as changed:
+            await source.read_at(MiB, 10)
+        assert changed.value.reason == "s3.changed"
+    finally:
+        await source.close()
+
+
+# -- faults: retried, resumed, recorded; the output is bit-identical
+
+
+FAULTS = [
+    Fault("500", "HEAD", 1), Fault("reset", "GET", 1), Fault("slowdown", "GET", 2), Fault("truncate", "GET", 4),
+    Fault("503", "GET", 6), Fault("stall", "GET", 8), Fault("500", "POST", 1), Fault("slowdown", "PUT", 1),
+    Fault("drop", "PUT", 3), Fault("503", "POST", 2),
+]
+
+
+async def test_faults_are_retried_and_the_output_is_identical(moto: S3Server, disk: Path,
+                                                              tmp_path: Path) -> None:
+    moto.client().upload_file(str(disk), BUCKET, "disk.raw")
+    reference = tmp_path / "reference.raw"
+    await asyncio.to_thread(convert_file, disk, reference, "raw", input_format="raw")
+    with fault_proxy(moto.endpoint, FAULTS, stall=3.0) as proxy:
+        config = moto.config(proxy.endpoint, part_size=MIN_PART, parts_in_flight=2,
+                             retry=fast_retries(read_timeout=0.5))
+        source, sink = await run_convert(url("disk.raw"), url("copy.raw"), "raw", config, config,
+                                         input_format="raw")
+    assert s3_sha256(moto, "copy.raw") == sha256_file(reference)
+    assert len(proxy.fired) == len(FAULTS), proxy.fired
+    reasons = {record.reason for record in source.retries} | {record.reason for record in sink.retries}  # type: ignore[attr-defined]
+    assert {"InternalError", "SlowDown", "ServiceUnavailable", "truncated"} <= reasons
+    assert reasons & {"timeout", "connection"}
+    assert moto.uploads() == []
+
+
+async def test_persistent_failure_aborts_the_upload(moto: S3Server, disk: Path) -> None:
+    moto.client().upload_file(str(disk), BUCKET, "disk.raw")
+    plan = [Fault("500", "PUT", n) for n in range(2, 10)]
+    with fault_proxy(moto.endpoint, plan) as proxy:
+        config = moto.config(proxy.endpoint, part_size=MIN_PART, parts_in_flight=2,
+                             retry=fast_retries(attempts=3))
+        with pytest.raises(StorageError, match="gave up after 3 attempts") as failed:
+            await run_convert(url("disk.raw"), url("copy.raw"), "raw", config, config, input_format="raw")
+    assert failed.value.reason == "storage.retries"
+    assert moto.uploads() == []
+    assert "copy.raw" not in moto.objects()
+
+
+async def test_cancelled_conversion_leaves_nothing(moto: S3Server, disk: Path) -> None:
+    moto.client().upload_file(str(disk), BUCKET, "disk.raw")
+    progress = Progress()
+    progress.listeners.append(lambda p: p.cancel() if p.position > 12 * MiB else None)
+    config = moto.config(part_size=MIN_PART, parts_in_flight=2)
+    with pytest.raises(Cancelled):
+        await run_convert(url("disk.raw"), url("copy.raw"), "raw", config, config, input_format="raw",
+                          progress=progress)
+    assert moto.uploads() == []
+    assert "copy.raw" not in moto.objects()
+
+
+# -- the CLI: no local files, memory set by configuration
+
+
+def vmied_readonly(args: list[str], env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """``vmied`` in a private mount namespace where the working directory and TMPDIR are read-only."""
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    script = (f'mount -t tmpfs -o ro,size=1m vmied-ro "{readonly}" && cd "{readonly}" && '
+              f'TMPDIR="{readonly}" PYTHONPATH="{ROOT}" exec "{sys.executable}" -m vmied "$@"')
+    return subprocess.run(["unshare", "-m", "sh", "-c", script, "vmied", *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def storage_flags(server: S3Server, profile: str | None = None) -> list[str]:
+    return ["--endpoint-url", server.endpoint, "--profile", profile or server.profile, "--region", "us-east-1",
+            "--path-style"]
+
+
+@pytest.fixture
+def can_unshare(tmp_path: Path) -> None:
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("needs root to run vmied with a read-only working directory (unshare -m)")
+
+
+@pytest.mark.parametrize("output_format", [f for f in ("vmdk", "raw") if f in WRITERS])
+def test_cli_s3_to_s3_writes_nothing_locally(moto: S3Server, disk: Path, tmp_path: Path,
+                                             aws_files: dict[str, str], can_unshare: None,
+                                             output_format: str) -> None:
+    moto.client().upload_file(str(disk), BUCKET, "disk.raw")
+    env = environment(aws_files)
+    there = vmied_readonly(["convert", "-f", "raw", "-O", output_format, url("disk.raw"),
+                            url(f"disk.{output_format}"), *storage_flags(moto), "--part-size", "5"], env, tmp_path)
+    assert there.returncode == 0, there.stderr
+    back = subprocess.run([sys.executable, "-m", "vmied", "convert", "-O", "raw", url(f"disk.{output_format}"),
+                           url("back.raw"), *storage_flags(moto)], env=env, capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert back.returncode == 0, back.stderr
+    assert s3_sha256(moto, "back.raw") == sha256_file(disk)
+
+
+def test_cli_reports_a_denied_write(seaweed: S3Server, disk: Path, aws_files: dict[str, str]) -> None:
+    seaweed.client().upload_file(str(disk), BUCKET, "disk.raw")
+    run = subprocess.run([sys.executable, "-m", "vmied", "convert", "-f", "raw", url("disk.raw"), url("x.raw"),
+                          *storage_flags(seaweed), "--dest-profile", "reader"], env=environment(aws_files),
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert run.returncode == StorageError.exit_code
+    assert "access denied: s3:PutObject" in run.stderr and "[s3.denied]" in run.stderr
+
+
+@pytest.mark.slow
+def test_large_sparse_disk_s3_to_s3_in_bounded_memory(seaweed: S3Server, tmp_path: Path,
+                                                      aws_files: dict[str, str], can_unshare: None) -> None:
+    """A 2 GiB disk goes S3 -> S3 through the CLI with peak RSS set by configuration, not disk size."""
+    size = 2 << 30
+    big = tmp_path / "big.raw"
+    rng = random.Random(9)
+    write_sparse_raw(big, size, [(rng.randrange(0, size - MiB), 256 * 1024) for _ in range(64)], seed=9)
+    flags = storage_flags(seaweed)
+    env = environment(aws_files)
+    upload = subprocess.run([sys.executable, "-m", "vmied", "convert", "-f", "raw", str(big), url("big.raw"),
+                             *flags], env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert upload.returncode == 0, upload.stderr
+    run = vmied_readonly(["convert", "-f", "raw", url("big.raw"), url("copy.raw"), *flags], env, tmp_path)
+    assert run.returncode == 0, run.stderr
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest child so far
+    assert peak_kib < 300 * 1024, f"peak RSS {peak_kib // 1024} MiB"
+    head = seaweed.client().head_object(Bucket=BUCKET, Key="copy.raw")
+    assert head["ContentLength"] == size
+    assert s3_sha256(seaweed, "copy.raw") == sha256_file(big)
