@@ -778,10 +778,12 @@ class Qcow2Reader(Reader):
         return ImageInfo(
             "qcow2",
             self.virtual_size,
-            subformat=f"v{header.version} (compat={'0.10' if header.version == 2 else '1.1'})",
+            subformat=f"v{header.version}",
+            allocated_bytes=self.source.size,
             cluster_size=header.cluster_size,
             problems=problems,
             details={
+                "compat": "0.10" if header.version == 2 else "1.1",
                 "compression_type": COMPRESSION_NAMES.get(
                     header.compression_type, str(header.compression_type)
                 ),
