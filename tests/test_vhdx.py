@@ -4,6 +4,7 @@ images built here are refused with bounded memory."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import struct
 import tracemalloc
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 
 from vmied.errors import CorruptImage, ImageError, UnsupportedImage
 from vmied.formats import vhdx
+from vmied.io.local import FileSource
 
 from .helpers import (
     MiB,
@@ -389,3 +391,41 @@ def test_metadata_checks() -> None:
     assert vhdx.check_bat_entry(0, vhdx.PAYLOAD_ZERO | 99 << 20, MiB, 0) == 0
     with pytest.raises(CorruptImage):
         vhdx.check_bat_entry(0, 5, MiB, 10 * MiB)
+
+
+writes = st.lists(st.tuples(st.integers(0, 31), st.integers(1, 4), st.booleans(), st.integers(1, 255)),
+                  max_size=12)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(changes=writes, reads=st.lists(st.tuples(st.integers(0, 40 * 4096), st.integers(0, 9000)), max_size=8))
+def test_replayed_file_matches_writes_applied_in_order(
+    tmp_path: Path, changes: list[tuple[int, int, bool, int]], reads: list[tuple[int, int]]
+) -> None:
+    """The overlay reads exactly like a copy of the file with every logged write applied in order."""
+    path = tmp_path / "file"
+    path.write_bytes(random.Random(0).randbytes(24 * 4096))  # the log may grow it to 40 pages
+    model = bytearray(path.read_bytes()) + bytes(16 * 4096)
+    entry_writes: list[tuple[int, int, bytes | None]] = []
+    for page, count, is_data, fill in changes:
+        offset = page * 4096
+        if is_data:
+            entry_writes.append((offset, 4096, bytes([fill]) * 4096))
+            model[offset : offset + 4096] = bytes([fill]) * 4096
+        else:
+            entry_writes.append((offset, 4096 * count, None))
+            model[offset : offset + 4096 * count] = bytes(4096 * count)
+    entry = vhdx.LogEntry(0, 4096, 0, 1, 0, 0, tuple(entry_writes))
+
+    async def check() -> None:
+        source = await FileSource.open(str(path))
+        try:
+            view = vhdx.ReplayedFile(source, 40 * 4096)
+            view.apply([entry])
+            for offset, length in reads:
+                length = min(length, 40 * 4096 - offset)
+                assert await view.read(offset, length, "test") == bytes(model[offset : offset + length])
+        finally:
+            await source.close()
+
+    asyncio.run(check())

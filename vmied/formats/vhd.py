@@ -68,6 +68,8 @@ NO_DATA_OFFSET = 0xFFFFFFFFFFFFFFFF
 MIN_BLOCK, MAX_BLOCK = SECTOR, 256 * MiB
 #: Most BAT entries read (4 bytes each): 64 MiB of table, 32 TiB of disk at 2 MiB blocks.
 MAX_BAT_ENTRIES = 1 << 24
+#: Largest read of adjacent blocks: a few 2 MiB blocks per request, few requests on object stores.
+READ_WINDOW = 2 * DEFAULT_WINDOW
 #: What the writer produces.
 WRITE_BLOCK = 2 * MiB
 #: Dynamic VHDs address blocks with 32-bit sector offsets; qemu and Hyper-V stop at 2040 GiB.
@@ -425,7 +427,7 @@ class VhdReader(Reader):
             start, offset = index * block, entry * SECTOR
             length = min(block, self.virtual_size - start)
             if (run and run[0] + block * len(run[2]) == start and run[1] + span * len(run[2]) == offset
-                    and span * (len(run[2]) + 1) <= DEFAULT_WINDOW):
+                    and span * (len(run[2]) + 1) <= READ_WINDOW):
                 run[2].append(length)
                 continue
             if run:
