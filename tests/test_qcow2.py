@@ -33,6 +33,7 @@ from vmied.errors import CorruptImage, ImageError, UnsupportedImage, UsageError
 from vmied.formats import open_reader, output_formats
 from vmied.formats.qcow2 import (
     HEADER_V2,
+    L1E_OFFSET_MASK,
     OFLAG_COMPRESSED,
     Geometry,
     Metadata,
@@ -90,7 +91,7 @@ def header_fields(path: Path) -> tuple[int, int, int]:
     head = path.read_bytes()[: 1 << 21]
     header = parse_header(head)
     (l1_entry,) = struct.unpack_from(">Q", head, header.l1_table_offset)
-    return header.cluster_size, header.l1_table_offset, l1_entry & 0x00FFFFFFFFFFFE00
+    return header.cluster_size, header.l1_table_offset, l1_entry & L1E_OFFSET_MASK
 
 
 # --- the corpus ------------------------------------------------------------------------------
@@ -109,8 +110,9 @@ def test_corpus_header_fragment(corpus_cache: Path) -> None:
     if not rows:
         pytest.skip("../shared/corpus is absent")
     header = parse_header(corpus_file(rows[0], corpus_cache).read_bytes())
-    assert header.version == 3
-    assert 9 <= header.cluster_bits <= 21 and header.size > 0
+    assert (header.version, header.cluster_bits, header.size, header.header_length) == (3, 16, 4 * MiB, 104)
+    assert (header.l1_size, header.l1_table_offset, header.refcount_table_offset) == (1, 0x30000, 0x10000)
+    assert header.incompatible == 0 and header.compression_type == 0 and header.refcount_order == 4
 
 
 # --- reading what qemu-img writes ------------------------------------------------------------
