@@ -161,7 +161,7 @@ def seaweed_server(aws_files: dict[str, str], tmp_path_factory: pytest.TempPathF
     finally:
         process.terminate()
         try:
-            process.wait(10)
+            process.wait(3)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()

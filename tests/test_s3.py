@@ -308,7 +308,8 @@ def test_cli_s3_to_s3_writes_nothing_locally(moto: S3Server, disk: Path, tmp_pat
     there = vmied_readonly(["convert", "-f", "raw", "-O", output_format, url("disk.raw"),
                             url(f"disk.{output_format}"), *storage_flags(moto), "--part-size", "5"], env, tmp_path)
     assert there.returncode == 0, there.stderr
-    back = subprocess.run([sys.executable, "-m", "vmied", "convert", "-O", "raw", url(f"disk.{output_format}"),
+    declared = ["-f", "raw"] if output_format == "raw" else []
+    back = subprocess.run([sys.executable, "-m", "vmied", "convert", *declared, url(f"disk.{output_format}"),
                            url("back.raw"), *storage_flags(moto)], env=env, capture_output=True, text=True,
                           cwd=ROOT, timeout=300)
     assert back.returncode == 0, back.stderr

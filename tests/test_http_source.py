@@ -1,0 +1,124 @@
+"""https sources (pre-signed S3 URLs) against real S3 servers on 127.0.0.1, with injected faults."""
+# ruff: noqa: F811  (the server fixtures are imported from tests.s3server)
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import pytest
+
+from tests.faultproxy import Fault, fault_proxy
+from tests.helpers import MiB, convert_file, sha256_file, write_sparse_raw
+from tests.s3server import (  # noqa: F401  (fixtures)
+    BUCKET,
+    S3Server,
+    aws_files,
+    fast_retries,
+    moto,
+    moto_server,
+    seaweed,
+    seaweed_server,
+)
+from vmied.convert import convert
+from vmied.errors import StorageError, UsageError
+from vmied.io.http import HttpSource, public_name
+from vmied.io.local import FileSink
+from vmied.io.open import create_sink, open_source
+from vmied.io.s3 import S3Config
+from vmied.pipeline import Progress, Workers
+
+
+@pytest.fixture(scope="module")
+def disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("disk") / "disk.raw"
+    rng = random.Random(11)
+    write_sparse_raw(path, 12 * MiB, [(rng.randrange(0, 11 * MiB), 300_000) for _ in range(12)], seed=11)
+    return path
+
+
+def presign(server: S3Server, key: str, endpoint: str | None = None, profile: str | None = None) -> str:
+    url: str = server.client(profile, endpoint).generate_presigned_url(
+        "get_object", Params={"Bucket": BUCKET, "Key": key}, ExpiresIn=600)
+    return url
+
+
+async def convert_url(url: str, destination: Path, config: S3Config | None = None) -> HttpSource:
+    source = await open_source(url, config)
+    assert isinstance(source, HttpSource)
+    try:
+        sink = await FileSink.create(str(destination))
+        with Workers() as workers:
+            await convert(source, sink, "raw", input_format="raw", workers=workers, progress=Progress())
+    finally:
+        await source.close()
+    return source
+
+
+def test_public_name_drops_the_signature_and_credentials() -> None:
+    assert public_name("https://u:p@host:8443/b/k.vmdk?X-Amz-Signature=abc") == "https://host:8443/b/k.vmdk"
+
+
+async def test_https_destination_is_refused() -> None:
+    with pytest.raises(UsageError, match="only be a source"):
+        await create_sink("https://127.0.0.1:1/x?sig=1")
+
+
+async def test_presigned_url_converts_like_the_file(seaweed: S3Server, disk: Path, tmp_path: Path) -> None:
+    seaweed.client().upload_file(str(disk), BUCKET, "disk.raw")
+    await convert_url(presign(seaweed, "disk.raw"), tmp_path / "out.raw")
+    assert sha256_file(tmp_path / "out.raw") == sha256_file(disk)
+
+
+async def test_faults_are_retried_from_the_last_byte(seaweed: S3Server, disk: Path, tmp_path: Path) -> None:
+    seaweed.client().upload_file(str(disk), BUCKET, "disk.raw")
+    reference = tmp_path / "reference.raw"
+    await asyncio.to_thread(convert_file, disk, reference, "raw", input_format="raw")
+    plan = [Fault("500", "GET", 1), Fault("reset", "GET", 3), Fault("slowdown", "GET", 4),
+            Fault("truncate", "GET", 5), Fault("stall", "GET", 7), Fault("503", "GET", 8)]
+    with fault_proxy(seaweed.endpoint, plan, stall=3.0) as proxy:
+        config = S3Config(retry=fast_retries(read_timeout=0.5))
+        source = await convert_url(presign(seaweed, "disk.raw", proxy.endpoint), tmp_path / "out.raw", config)
+    assert sha256_file(tmp_path / "out.raw") == sha256_file(reference)
+    assert len(proxy.fired) == len(plan), proxy.fired
+    reasons = {record.reason for record in source.retries}
+    assert {"status-503", "truncated"} <= reasons and reasons & {"timeout", "connection"}
+
+
+async def test_retries_are_bounded(moto: S3Server) -> None:
+    moto.client().put_object(Bucket=BUCKET, Key="small.raw", Body=bytes(MiB))
+    with fault_proxy(moto.endpoint, [Fault("503", "GET", n) for n in range(1, 10)]) as proxy:
+        url = presign(moto, "small.raw", proxy.endpoint)
+        with pytest.raises(StorageError, match="gave up after 3 attempts") as failed:
+            await open_source(url, S3Config(retry=fast_retries(attempts=3)))
+    assert failed.value.reason == "storage.retries"
+    assert "X-Amz-Signature" not in str(failed.value)
+
+
+async def test_denied_and_missing_fail_fast(seaweed: S3Server) -> None:
+    seaweed.client().put_object(Bucket=BUCKET, Key="small.raw", Body=bytes(MiB))
+    config = S3Config(retry=fast_retries(attempts=3))
+    forged = presign(seaweed, "small.raw", profile="moto")  # a key SeaweedFS does not know
+    with pytest.raises(StorageError, match=r"access denied reading .*/small\.raw") as denied:
+        await open_source(forged, config)
+    assert denied.value.reason == "http.denied"
+    assert "X-Amz-Signature" not in str(denied.value)
+    with pytest.raises(StorageError, match="not found") as missing:
+        await open_source(presign(seaweed, "absent.raw"), config)
+    assert missing.value.reason == "http.not_found"
+
+
+async def test_object_changed_while_reading(moto: S3Server) -> None:
+    client = moto.client()
+    client.put_object(Bucket=BUCKET, Key="moving.raw", Body=bytes(2 * MiB))
+    source = await open_source(presign(moto, "moving.raw"))
+    try:
+        assert source.size == 2 * MiB
+        assert await source.read_at(0, 10) == bytes(10)
+        client.put_object(Bucket=BUCKET, Key="moving.raw", Body=b"\x01" * (2 * MiB))
+        with pytest.raises(StorageError, match="object changed while reading") as changed:
+            await source.read_at(MiB, 10)
+        assert changed.value.reason == "http.changed"
+    finally:
+        await source.close()
