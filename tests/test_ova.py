@@ -306,6 +306,13 @@ def refuse(path: Path, tmp_path: Path) -> ImageError:
     return info.value
 
 
+def test_single_chunk_under_its_plain_name(tmp_path: Path) -> None:
+    text, data = small_package(tmp_path)
+    chunked = text.replace(b'ovf:href="a.vmdk"', b'ovf:href="a.vmdk" ovf:chunkSize="7516192768"')
+    make_tar(tmp_path / "x.ova", [("x.ovf", chunked), ("a.vmdk", data)])
+    assert convert_file(tmp_path / "x.ova", tmp_path / "x.raw", "raw").source.virtual_size == MiB
+
+
 def test_disk_to_create_reads_as_zeros_after_the_boot_disk(tmp_path: Path) -> None:
     text, data = small_package(tmp_path)
     empty = b'<Disk ovf:capacity="3" ovf:capacityAllocationUnits="byte * 2^20" ovf:diskId="scratch"/>'
@@ -328,6 +335,7 @@ def test_refusals(tmp_path: Path) -> None:
         ("ova.missing_file", [("x.ovf", text), ("x.mf", manifest([("x.ovf", text), ("b.vmdk", b"")]))]),
         ("ova.file_size", [("x.ovf", sized % 7), ("a.vmdk", data)]),
         ("ova.file_size", [("x.ovf", chunked), ("a.vmdk.000000000", data[:1000]), ("a.vmdk.000000001", data[1000:])]),
+        ("ova.file_size", [("x.ovf", chunked), ("a.vmdk", data)]),
         ("ovf.href", [("x.ovf", text.replace(b'ovf:href="a.vmdk"', b'ovf:href="../a.vmdk"')), ("a.vmdk", data)]),
         ("ova.duplicate_member", [("x.ovf", text), ("a.vmdk", data), ("./a.vmdk", data)]),
         ("format.unknown", [("x.ovf", sized % 4), ("a.vmdk", b"ABCD")]),

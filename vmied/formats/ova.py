@@ -282,12 +282,14 @@ def file_members(file: OvfFile, members: dict[str, Member]) -> list[Member]:
         found = []
         while (name := file.href + CHUNK_SUFFIX.format(len(found))) in members:
             found.append(members[name])
+        if not found and file.href in members:
+            found = [members[file.href]]  # one chunk only: some writers then keep the plain name
         if not found:
             raise _corrupt(
                 f"OVA does not contain {file.href}{CHUNK_SUFFIX.format(0)}, the first chunk of {file.href}",
                 "missing_file",
             )
-        if any(m.size != file.chunk_size for m in found[:-1]):
+        if any(m.size != file.chunk_size for m in found[:-1]) or found[-1].size > file.chunk_size:
             raise _corrupt(f"OVA chunks of {file.href} are not {file.chunk_size} bytes each", "file_size")
     total = sum(m.size for m in found)
     if file.size is not None and total != file.size:
