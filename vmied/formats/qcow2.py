@@ -24,6 +24,10 @@ placeholders, filled once the end is known)::
     ...            a refcount block, whenever the file grows past the host range one covers
     end            the remaining refcount blocks, then the refcount table
 
+Reader memory: the L1 entries mapping the virtual size and a sorted index of the L2 tables
+(8 bytes each, both capped at qemu's 32 MiB L1 limit: 16 KiB for a 1 TiB disk with 64 KiB
+clusters), two L2 tables being parsed, and the runs in flight (each read at most 4 MiB).
+
 Writer memory: the L1 table (8 bytes per L2 region, at most 32 MiB as qemu caps it: 16 KiB for
 a 1 TiB disk with 64 KiB clusters), one L2 table and one or two refcount blocks (one cluster
 each), the refcount table (8 bytes per refcount block: 4 KiB per TiB of output at 64 KiB
@@ -72,7 +76,6 @@ HEADER_COMPRESSION = struct.Struct(">B7x")
 V3_HEADER_LENGTH = HEADER_V2.size + HEADER_V3.size + HEADER_COMPRESSION.size  # 112
 #: Header extension: type, length; data padded to 8 bytes follows (qcow2.txt "Header extensions").
 EXTENSION = struct.Struct(">II")
-TABLE_ENTRY = struct.Struct(">Q")
 
 MIN_CLUSTER_BITS, MAX_CLUSTER_BITS = 9, 21
 DEFAULT_CLUSTER_SIZE = 64 * 1024
@@ -935,7 +938,7 @@ class Refcounts:
         self.cluster_bits = cluster_bits
         self.per_block = (1 << cluster_bits) * 8 >> WRITE_REFCOUNT_ORDER
         self.live: dict[int, array[int]] = {}
-        self.table: list[int] = []  # host offset of each written refcount block, by range
+        self.table = array("Q")  # host offset of each written refcount block, by range
         self.next_block = 0  # first range whose block is not written yet
 
     def add(self, offset: int, length: int) -> None:
@@ -977,7 +980,7 @@ class Refcounts:
             blocks_needed, table_clusters = layout
 
     def table_bytes(self, clusters: int) -> bytes:
-        raw = b"".join(TABLE_ENTRY.pack(offset) for offset in self.table)
+        raw = big_endian(self.table)
         return raw + bytes(clusters * (1 << self.cluster_bits) - len(raw))
 
 
