@@ -20,6 +20,7 @@ from vmied.formats import vhdx
 from vmied.io.local import FileSource
 
 from .helpers import (
+    CORPUS,
     MiB,
     convert_file,
     corpus_params,
@@ -429,3 +430,19 @@ def test_replayed_file_matches_writes_applied_in_order(
             await source.close()
 
     asyncio.run(check())
+
+
+def test_structures_against_windows_fragments() -> None:
+    """Fragments that libvhdi's author extracted from Windows-made VHDX files parse as Windows meant."""
+    fragments = CORPUS / "files" / "libyal-fragments"
+    if not fragments.exists():
+        pytest.skip("../shared/corpus is absent")
+    header = vhdx.parse_header((fragments / "libvhdi_image_header.1").read_bytes())  # CRC-32C checked
+    assert header == vhdx.Header(6, bytes(16), MiB, MiB)
+    entry = vhdx.REGION_ENTRY.unpack((fragments / "libvhdi_region_table_entry.1").read_bytes())
+    assert entry == (vhdx.BAT_GUID, 3 * MiB, MiB, 1)
+    assert vhdx.METADATA_HEADER.unpack((fragments / "libvhdi_metadata_table_header.1").read_bytes()) == (
+        vhdx.METADATA_SIGNATURE, 0, 5)
+    item = vhdx.METADATA_ENTRY.unpack((fragments / "libvhdi_metadata_table_entry.1").read_bytes())
+    assert item == (vhdx.FILE_PARAMETERS, 64 * 1024, 8, vhdx.META_IS_REQUIRED)
+    assert (fragments / "libvhdi_file_identifier.1").read_bytes()[:8] == vhdx.FILE_ID_SIGNATURE
