@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vmied.errors import CorruptImage, ImageError, UnsupportedImage
+from vmied.errors import CorruptImage, ImageError, UnsupportedImage, UsageError
 from vmied.formats import vhdx
 from vmied.io.local import FileSource
 
@@ -156,6 +156,12 @@ def test_writer_layout_and_zero_blocks(tmp_path: Path) -> None:
     assert [e & 7 for e in bat] == [0, 6, 0, 6]
     assert [e >> 20 for e in bat if e] == [4, 36]  # right after the 1 MiB BAT, 1 MiB aligned
     assert len(raw) == 4 * MiB + 2 * 32 * MiB
+
+
+def test_empty_disk_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "empty.raw").write_bytes(b"")
+    with pytest.raises(UsageError, match="1 sector to 64 TiB"):  # qemu and Hyper-V cannot open one
+        convert_file(tmp_path / "empty.raw", tmp_path / "out.vhdx", "vhdx", input_format="raw")
 
 
 def test_block_size_option() -> None:

@@ -684,8 +684,8 @@ class VhdxWriter(Writer):
         block_size = parse_block_size(self.opts.get("block_size", str(DEFAULT_BLOCK)))
         size = -(-self.virtual_size // 512) * 512  # whole logical sectors
         meta = Metadata(block_size, False, size, 512, 4096, False)
-        if size > MAX_VIRTUAL_SIZE:
-            raise UsageError(f"a VHDX disk holds at most 64 TiB; this one is {size} bytes")
+        if not 0 < size <= MAX_VIRTUAL_SIZE:
+            raise UsageError(f"a VHDX disk holds 1 sector to 64 TiB; this one is {size} bytes")
         bat_bytes = 8 * meta.bat_entries
         if bat_bytes > MAX_BAT_BYTES:
             raise UsageError(f"a {size}-byte disk needs a {bat_bytes}-byte BAT: choose a larger block_size")
