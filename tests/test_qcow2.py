@@ -387,7 +387,7 @@ def test_refuses_encryption(method: str, tmp_path: Path) -> None:
 
 def test_refuses_external_data_file(tmp_path: Path) -> None:
     image = tmp_path / "meta.qcow2"
-    qemu_img("create", "-f", "qcow2", "-o", "data_file=payload.raw", image, "1M")
+    qemu_img("create", "-f", "qcow2", "-o", f"data_file={tmp_path / 'payload.raw'}", image, "1M")
     error = refused(image, tmp_path)
     assert error.reason == "qcow2.data_file" and "payload.raw" in error.message
 
