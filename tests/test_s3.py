@@ -328,8 +328,8 @@ def test_cli_reports_a_denied_write(seaweed: S3Server, disk: Path, aws_files: di
 @pytest.mark.slow
 def test_large_sparse_disk_s3_to_s3_in_bounded_memory(seaweed: S3Server, tmp_path: Path,
                                                       aws_files: dict[str, str], can_unshare: None) -> None:
-    """A 2 GiB disk goes S3 -> S3 through the CLI with peak RSS set by configuration, not disk size."""
-    size = 2 << 30
+    """A 1 GiB disk goes S3 -> S3 through the CLI with peak RSS set by configuration, not disk size."""
+    size = 1 << 30
     big = tmp_path / "big.raw"
     rng = random.Random(9)
     write_sparse_raw(big, size, [(rng.randrange(0, size - MiB), 256 * 1024) for _ in range(64)], seed=9)

@@ -116,7 +116,7 @@ def part_size(index: int, base: int) -> int:
     return min(MAX_PART, base << ((index - FLAT_PARTS) // GROWTH_STEP + 1))
 
 
-def content_md5(data: bytes) -> str:
+def content_md5(data: bytes | bytearray) -> str:
     return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
 
 
@@ -282,7 +282,7 @@ class S3Sink(Sink):
         for index, (offset, part) in sorted(self._held.items()):
             if not self._awaits_fill(offset, len(part)):
                 del self._held[index]
-                await self._upload(index, bytes(part))
+                await self._upload(index, part)
 
     def _awaits_fill(self, offset: int, length: int) -> bool:
         return any(p.offset < offset + length and offset < p.offset + p.length for p in self._unfilled)
@@ -304,17 +304,17 @@ class S3Sink(Sink):
         assert offset == self._part_offset + len(self._part), "sinks are written in order"
         self._part += data
         while len(self._part) >= (size := part_size(self._part_index, self.part_base)):
-            part = bytes(self._part[:size])
-            del self._part[:size]
+            part, self._part = self._part, bytearray(self._part[size:])  # copies only the overshoot
+            del part[size:]
             index, start = self._part_index, self._part_offset
             self._part_index += 1
             self._part_offset += size
             if self._awaits_fill(start, size):
-                self._held[index] = (start, bytearray(part))
+                self._held[index] = (start, part)
             else:
                 await self._upload(index, part)
 
-    async def _upload(self, index: int, data: bytes) -> None:
+    async def _upload(self, index: int, data: bytearray) -> None:
         """Start uploading part ``index`` once a slot is free (the writer waits: back pressure)."""
         self._raise_failed()
         await self._slots.acquire()
@@ -331,7 +331,7 @@ class S3Sink(Sink):
         task = asyncio.ensure_future(self._upload_part(index + 1, data))
         self._tasks.add(task)
 
-    async def _upload_part(self, number: int, data: bytes) -> None:
+    async def _upload_part(self, number: int, data: bytearray) -> None:
         try:
             md5 = await asyncio.to_thread(content_md5, data)
             response = await self._request(
@@ -361,10 +361,10 @@ class S3Sink(Sink):
             await self._put(bytes(self._part))
         else:
             if self._part:
-                await self._upload(self._part_index, bytes(self._part))
+                await self._upload(self._part_index, self._part)
             self._part = bytearray()
             for index, (_, part) in sorted(self._held.items()):
-                await self._upload(index, bytes(part))
+                await self._upload(index, part)
             self._held.clear()
             await self._drain()
             await self._complete()
