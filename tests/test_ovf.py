@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import CORPUS, corpus_file, corpus_params
-from vmied.errors import CorruptImage, ImageError, UnsupportedImage
+from vmied.errors import CorruptImage, ImageError, UnsupportedImage, UsageError
 from vmied.formats import ovf
 
 ENVELOPE = (
@@ -31,6 +31,7 @@ def item(**fields: object) -> str:
     return "<Item>" + "".join(f"<rasd:{k}>{v}</rasd:{k}>" for k, v in fields.items()) + "</Item>"
 
 
+MIB = 1 << 20
 ONE_FILE = '<File ovf:href="a.vmdk" ovf:id="f1"/>'
 
 
@@ -311,3 +312,20 @@ def test_padding_is_exact() -> None:
     assert ovf.padded(b"<a/>", 4) == b"<a/>"
     with pytest.raises(ValueError):
         ovf.padded(b"<a/>", 3)
+
+
+@pytest.mark.parametrize(("controller", "count"), [("PIIX4", 4), ("lsilogic", 9)])
+def test_written_disks_fit_their_controllers_in_boot_order(controller: str, count: int) -> None:
+    specs = [ovf.DiskSpec(f"d{i}.vmdk", MIB, 512) for i in range(count)]
+    text = ovf.build_descriptor(ovf.Hardware(controller=controller), specs)
+    items = [i for i in ovf.parse_xml(text).iter() if ovf.local(i.tag) == "Item"]
+    units = [ovf.field_text(i, "AddressOnParent") for i in items if ovf.field_text(i, "ResourceType") == "17"]
+    assert "7" not in units if controller == "lsilogic" else units == ["0", "1", "0", "1"]
+    parsed = ovf.parse_descriptor(text)
+    assert parsed.systems[0].disk_ids == tuple(f"vmdisk{i + 1}" for i in range(count))
+
+
+def test_too_many_disks_for_ide_refused() -> None:
+    with pytest.raises(UsageError, match="at most 4"):
+        ovf.build_descriptor(ovf.Hardware(controller="PIIX4"), [ovf.DiskSpec(f"d{i}", MIB, 1) for i in range(5)])
+    assert len(ovf.disk_slots(True, 30)) == 30

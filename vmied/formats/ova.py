@@ -204,7 +204,9 @@ def check_member_type(header: TarHeader) -> None:
     """An OVA holds plain files: links and devices are refused, and tar features vmied does not read."""
     if header.typeflag in LINK_OR_DEVICE:
         raise _refuse(
-            f"OVA member {header.name!r} is a {LINK_OR_DEVICE[header.typeflag]}; an OVA may only hold plain files",
+            f"OVA member {header.name!r} is a {LINK_OR_DEVICE[header.typeflag]}"
+            + (f" to {header.linkname!r}" if header.linkname else "")
+            + "; an OVA may only hold plain files",
             "member_type",
         )
     if header.typeflag not in (*REGULAR_TYPES, DIRECTORY):

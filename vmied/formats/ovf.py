@@ -36,7 +36,7 @@ from xml.sax.saxutils import escape, quoteattr
 import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
 
-from ..errors import CorruptImage, UnsupportedImage
+from ..errors import CorruptImage, UnsupportedImage, UsageError
 from ..io.base import check_sibling_name
 
 # --- Constants ---------------------------------------------------------------------------------
@@ -550,6 +550,23 @@ def _item(fields: dict[str, str | int]) -> str:
     return f"      <Item>\n{body}      </Item>\n"
 
 
+#: InstanceIDs of the written controllers, by bus number (1, 2 and 4 are the CPU, memory and NIC).
+CONTROLLER_IDS = (3, 5)
+#: Disk units a controller offers: SCSI 0-15 without 7 (the initiator's own id), IDE master and slave.
+SCSI_UNITS = tuple(unit for unit in range(16) if unit != 7)
+IDE_UNITS = (0, 1)
+
+
+def disk_slots(scsi: bool, count: int) -> list[tuple[int, int]]:
+    """``(controller bus, unit)`` for each disk, boot disk first, filling bus 0 before bus 1."""
+    units = SCSI_UNITS if scsi else IDE_UNITS
+    slots = [(bus, unit) for bus in range(len(CONTROLLER_IDS)) for unit in units]
+    if count > len(slots):
+        kind = "SCSI" if scsi else "IDE"
+        raise UsageError(f"an OVA with {kind} controllers holds at most {len(slots)} disks, not {count}")
+    return slots[:count]
+
+
 def build_descriptor(hardware: Hardware, disks: list[DiskSpec]) -> bytes:
     """An OVF 1.0 descriptor for one VirtualSystem with ``disks`` (boot disk first), VMware style."""
     scsi = hardware.controller == "lsilogic"
@@ -585,29 +602,33 @@ def build_descriptor(hardware: Hardware, disks: list[DiskSpec]) -> bytes:
                 "VirtualQuantity": hardware.memory_mib,
             }
         ),
+    ]
+    slots = disk_slots(scsi, len(disks))
+    items += [
         _item(
             {
-                "Address": 0,
+                "Address": bus,
                 "Description": "SCSI Controller" if scsi else "IDE Controller",
-                "ElementName": "scsiController0" if scsi else "ideController0",
-                "InstanceID": 3,
+                "ElementName": f"scsiController{bus}" if scsi else f"ideController{bus}",
+                "InstanceID": CONTROLLER_IDS[bus],
                 "ResourceSubType": hardware.controller,
                 "ResourceType": RT_SCSI if scsi else RT_IDE,
             }
-        ),
+        )
+        for bus in sorted({bus for bus, _ in slots})
     ]
     items += [
         _item(
             {
-                "AddressOnParent": index,
+                "AddressOnParent": unit,
                 "ElementName": f"disk{index}",
                 "HostResource": f"ovf:/disk/vmdisk{index + 1}",
                 "InstanceID": 10 + index,
-                "Parent": 3,
+                "Parent": CONTROLLER_IDS[bus],
                 "ResourceType": RT_DISK,
             }
         )
-        for index in range(len(disks))
+        for index, (bus, unit) in enumerate(slots)
     ]
     items.append(
         _item(
