@@ -225,6 +225,11 @@ async def test_digesting_source_hashes_out_of_order_and_skipped_reads(tmp_path: 
         await asyncio.gather(*(digesting.read_at(o, 300_000) for o in range(0, 2 * MiB, 300_000)))
         await digesting.read_at(0, 10)  # behind: ignored
         assert await digesting.finish() == hashlib.sha256(data).hexdigest()
+        bounded = DigestingSource(source, "SHA1", workers)
+        bounded.AHEAD_LIMIT = 1000  # reads further ahead than this are dropped and read again at the end
+        await bounded.read_at(5000, 2000)
+        await bounded.read_at(2 * MiB, 500)
+        assert len(bounded._ahead) == 1 and await bounded.finish() == hashlib.sha1(data).hexdigest()
     await source.close()
 
 
