@@ -35,6 +35,8 @@ PROFILES = {
     "reader": ("weedreader", "weedreadersecret"),
 }
 BUCKET = "vmied-test"
+#: A profile that assumes a role (STS AssumeRole from the ``moto`` profile's keys).
+ASSUMED = "assumed"
 
 
 @dataclass
@@ -90,7 +92,9 @@ def aws_files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
     credentials.write_text("".join(f"[{name}]\naws_access_key_id = {key}\naws_secret_access_key = {secret}\n"
                                    for name, (key, secret) in PROFILES.items()))
     config = home / "config"
-    config.write_text("".join(f"[profile {name}]\nregion = us-east-1\n" for name in PROFILES))
+    config.write_text("".join(f"[profile {name}]\nregion = us-east-1\n" for name in PROFILES)
+                      + f"[profile {ASSUMED}]\nrole_arn = arn:aws:iam::123456789012:role/vmied-test\n"
+                        "source_profile = moto\nregion = us-east-1\n")
     env = {"AWS_SHARED_CREDENTIALS_FILE": str(credentials), "AWS_CONFIG_FILE": str(config),
            "AWS_EC2_METADATA_DISABLED": "true"}
     with pytest.MonkeyPatch.context() as patch:

@@ -16,6 +16,7 @@ import pytest
 from tests.faultproxy import Fault, fault_proxy
 from tests.helpers import MiB, convert_file, qemu_img, random_layout, sha256_file, write_sparse_raw
 from tests.s3server import (  # noqa: F401  (fixtures)
+    ASSUMED,
     BUCKET,
     S3Server,
     aws_files,
@@ -200,6 +201,19 @@ async def test_missing_object_fails_fast_naming_bucket_and_key(moto: S3Server) -
     assert missing.value.reason == "s3.not_found"
     with pytest.raises(StorageError, match="bucket 'no-such-bucket-here'"):
         await open_source("s3://no-such-bucket-here/x.raw", config)
+
+
+async def test_profile_that_assumes_a_role(moto: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The AWS chain's AssumeRole (here against moto's STS) yields session credentials that read S3."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_STS", moto.endpoint)
+    moto.client().put_object(Bucket=BUCKET, Key="role.raw", Body=b"r" * 1000)
+    source = await open_source(url("role.raw"), moto.config(profile=ASSUMED))
+    try:
+        assert await source.read_at(0, 1000) == b"r" * 1000
+        credentials = await source._client._get_credentials().get_frozen_credentials()  # type: ignore[attr-defined]
+        assert credentials.token and credentials.access_key != "motokey"
+    finally:
+        await source.close()
 
 
 async def test_unknown_profile_is_a_storage_error(moto: S3Server) -> None:

@@ -402,10 +402,14 @@ class S3Sink(Sink):
             self._tasks.clear()
             if self._upload_id is not None:
                 upload_id, self._upload_id = self._upload_id, None
-                await self._request("s3:AbortMultipartUpload", "AbortMultipartUpload",
-                                    lambda: self._client.abort_multipart_upload(
-                                        Bucket=self.location.bucket, Key=self.location.key,
-                                        UploadId=upload_id))
+                try:
+                    await self._request("s3:AbortMultipartUpload", "AbortMultipartUpload",
+                                        lambda: self._client.abort_multipart_upload(
+                                            Bucket=self.location.bucket, Key=self.location.key,
+                                            UploadId=upload_id))
+                except StorageError as exc:
+                    if exc.reason != "s3.not_found":  # gone already (completed before a lost answer)
+                        raise
             if self._object_written:
                 await self._request("s3:DeleteObject", "DeleteObject", lambda: self._client.delete_object(
                     Bucket=self.location.bucket, Key=self.location.key))
