@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -291,14 +290,29 @@ async def test_cancelled_conversion_leaves_nothing(moto: S3Server, disk: Path) -
 # -- the CLI: no local files, memory set by configuration
 
 
-def vmied_readonly(args: list[str], env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+def readonly_command(args: list[str], tmp_path: Path) -> list[str]:
     """``vmied`` in a private mount namespace where the working directory and TMPDIR are read-only."""
     readonly = tmp_path / "readonly"
     readonly.mkdir()
     script = (f'mount -t tmpfs -o ro,size=1m vmied-ro "{readonly}" && cd "{readonly}" && '
               f'TMPDIR="{readonly}" PYTHONPATH="{ROOT}" exec "{sys.executable}" -m vmied "$@"')
-    return subprocess.run(["unshare", "-m", "sh", "-c", script, "vmied", *args], env=env,
-                          capture_output=True, text=True, timeout=300)
+    return ["unshare", "-m", "sh", "-c", script, "vmied", *args]
+
+
+def vmied_readonly(args: list[str], env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(readonly_command(args, tmp_path), env=env, capture_output=True, text=True, timeout=300)
+
+
+#: Runs argv[1:] and prints that child's peak RSS (KiB): this test process's other children do not count.
+PEAK_RSS = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")
+
+
+def vmied_readonly_peak(args: list[str], env: dict[str, str], tmp_path: Path) -> tuple[int, str, int]:
+    """Exit code, stderr and peak RSS in KiB of a :func:`vmied_readonly` run."""
+    run = subprocess.run([sys.executable, "-c", PEAK_RSS, *readonly_command(args, tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    return run.returncode, run.stderr, int(run.stdout.split()[-1])
 
 
 def storage_flags(server: S3Server, profile: str | None = None) -> list[str]:
@@ -352,9 +366,9 @@ def test_large_sparse_disk_s3_to_s3_in_bounded_memory(seaweed: S3Server, tmp_pat
     upload = subprocess.run([sys.executable, "-m", "vmied", "convert", "-f", "raw", str(big), url("big.raw"),
                              *flags], env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert upload.returncode == 0, upload.stderr
-    run = vmied_readonly(["convert", "-f", "raw", url("big.raw"), url("copy.raw"), *flags], env, tmp_path)
-    assert run.returncode == 0, run.stderr
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest child so far
+    code, stderr, peak_kib = vmied_readonly_peak(["convert", "-f", "raw", url("big.raw"), url("copy.raw"),
+                                                  *flags], env, tmp_path)
+    assert code == 0, stderr
     assert peak_kib < 300 * 1024, f"peak RSS {peak_kib // 1024} MiB"
     head = seaweed.client().head_object(Bucket=BUCKET, Key="copy.raw")
     assert head["ContentLength"] == size
