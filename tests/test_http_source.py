@@ -26,6 +26,7 @@ from vmied.errors import StorageError, UsageError
 from vmied.io.http import HttpSource, public_name
 from vmied.io.local import FileSink
 from vmied.io.open import create_sink, open_source
+from vmied.io.retry import Retrier, RetryPolicy, Transient
 from vmied.io.s3 import S3Config
 from vmied.pipeline import Progress, Workers
 
@@ -54,6 +55,28 @@ async def convert_url(url: str, destination: Path, config: S3Config | None = Non
     finally:
         await source.close()
     return source
+
+
+async def test_retrier_backs_off_with_jitter_and_records_reasons() -> None:
+    policy = RetryPolicy(attempts=4, base_delay=0.001, max_delay=0.004)
+    assert all(0 <= policy.delay(n, random.Random(n)) <= min(0.004, 0.001 * 2**n) for n in range(40))
+    calls: list[int] = []
+
+    async def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise Transient("status-503", "busy")
+        return "ok"
+
+    async def broken() -> str:
+        raise Transient("connection", "reset by peer")
+
+    retrier = Retrier(policy)
+    assert await retrier.run(flaky, "flaky") == "ok"
+    assert [(r.reason, r.attempt) for r in retrier.records] == [("status-503", 1), ("status-503", 2)]
+    with pytest.raises(StorageError, match=r"broken: gave up after 4 attempts \(last: connection"):
+        await retrier.run(broken, "broken")
+    assert len(retrier.records) == 5
 
 
 def test_public_name_drops_the_signature_and_credentials() -> None:
