@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import random
+import ssl
+import subprocess
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from tests.faultproxy import Fault, fault_proxy
 from tests.helpers import MiB, convert_file, sha256_file, write_sparse_raw
@@ -145,3 +149,43 @@ async def test_object_changed_while_reading(moto: S3Server) -> None:
         assert changed.value.reason == "http.changed"
     finally:
         await source.close()
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (the CA bundle is the certificate itself)."""
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out",
+                    str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.fixture
+async def https_file(certificate: tuple[Path, Path], disk: Path) -> AsyncIterator[str]:
+    """The disk served over https on 127.0.0.1 by aiohttp (ranges and ETag as a static server does)."""
+    async def serve(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(disk)
+
+    app = web.Application()
+    app.router.add_get("/disk.raw", serve)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*certificate)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield f"https://127.0.0.1:{port}/disk.raw?X-Amz-Signature=secret"
+    await runner.cleanup()
+
+
+async def test_https_with_a_custom_ca_bundle(https_file: str, certificate: tuple[Path, Path], disk: Path,
+                                             tmp_path: Path) -> None:
+    await convert_url(https_file, tmp_path / "out.raw", S3Config(ca_bundle=str(certificate[0])))
+    assert sha256_file(tmp_path / "out.raw") == sha256_file(disk)
+    with pytest.raises(StorageError, match="certificate") as untrusted:
+        await open_source(https_file, S3Config(retry=fast_retries(attempts=3)))
+    assert untrusted.value.reason == "http.tls"
+    assert "secret" not in str(untrusted.value)

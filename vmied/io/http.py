@@ -116,5 +116,6 @@ async def _probe(session: aiohttp.ClientSession, url: str) -> tuple[int, str | N
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         transient: Transient | None = network_failure(exc)
         if transient is None:
-            raise StorageError(f"opening {name}: {exc}", reason="http.error") from None
+            raise StorageError(f"opening {name}: {exc}", reason="http.tls" if isinstance(
+                exc, aiohttp.ClientSSLError) else "http.error") from None
         raise transient from None

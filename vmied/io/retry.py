@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import ssl
 from abc import abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -59,7 +60,12 @@ class RetryRecord:
 
 
 def network_failure(exc: BaseException) -> Transient | None:
-    """The :class:`Transient` for a failure of the connection itself, or None for anything else."""
+    """The :class:`Transient` for a failure of the connection itself, or None for anything else.
+
+    A certificate that does not verify is not transient: retrying cannot fix the trust store.
+    """
+    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
+        return None
     if isinstance(exc, asyncio.TimeoutError | TimeoutError):
         return Transient("timeout", "no data within the read timeout")
     if isinstance(exc, aiohttp.ClientPayloadError):

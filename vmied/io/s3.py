@@ -42,6 +42,7 @@ from botocore.exceptions import (
     HTTPClientError,
     IncompleteReadError,
     ResponseStreamingError,
+    SSLError,
 )
 
 from ..errors import StorageError, UsageError
@@ -144,6 +145,9 @@ def s3_failure(exc: BaseException, location: S3Location, action: str) -> Excepti
         if transient:
             return transient
         return StorageError(f"{action} on {location} failed ({text})", reason="s3.error")
+    if isinstance(exc, SSLError | aiohttp.ClientSSLError):
+        return StorageError(f"{action} on {location}: TLS failed ({exc}); is the CA bundle right?",
+                            reason="s3.tls")
     if isinstance(exc, IncompleteReadError | ResponseStreamingError):
         return Transient("truncated", str(exc))
     if isinstance(exc, HTTPClientError):  # connection closed or refused, read/connect timeouts
