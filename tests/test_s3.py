@@ -262,6 +262,22 @@ async def test_faults_are_retried_and_the_output_is_identical(moto: S3Server, di
     assert moto.uploads() == []
 
 
+@pytest.mark.skipif("vmdk" not in WRITERS, reason="the VMDK format is not registered")
+async def test_vmdk_stream_round_trip_through_faults(moto: S3Server, disk: Path) -> None:
+    """raw -> VMDK stream -> raw, both legs S3 to S3 through faults, gives the disk back bit for bit."""
+    moto.client().upload_file(str(disk), BUCKET, "disk.raw")
+    legs = [("disk.raw", "disk.vmdk", "vmdk", "raw"), ("disk.vmdk", "back.raw", "raw", None)]
+    for src, dst, output_format, input_format in legs:
+        with fault_proxy(moto.endpoint, FAULTS, stall=3.0) as proxy:
+            config = moto.config(proxy.endpoint, part_size=MIN_PART, parts_in_flight=2,
+                                 retry=fast_retries(read_timeout=0.5))
+            source, _ = await run_convert(url(src), url(dst), output_format, config, config,
+                                          input_format=input_format)
+        assert proxy.fired and source.retries  # type: ignore[attr-defined]
+    assert s3_sha256(moto, "back.raw") == sha256_file(disk)
+    assert moto.uploads() == []
+
+
 async def test_persistent_failure_aborts_the_upload(moto: S3Server, disk: Path) -> None:
     moto.client().upload_file(str(disk), BUCKET, "disk.raw")
     plan = [Fault("500", "PUT", n) for n in range(2, 10)]
