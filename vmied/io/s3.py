@@ -46,6 +46,7 @@ from botocore.exceptions import (
 )
 
 from ..errors import StorageError, UsageError
+from ..extents import Buffer
 from .base import MiB, Placeholder, Sink, Source, check_sibling_name
 from .retry import RangedSource, Retrier, RetryPolicy, Transient, network_failure, status_failure
 
@@ -280,7 +281,7 @@ class S3Sink(Sink):
         self._unfilled.append(Placeholder(self.position, length))  # before the zeros may cut a part
         return await super().reserve(length)
 
-    async def fill(self, placeholder: Placeholder, data: bytes | bytearray | memoryview) -> None:
+    async def fill(self, placeholder: Placeholder, data: Buffer) -> None:
         await super().fill(placeholder, data)
         self._unfilled.remove(placeholder)
         for index, (offset, part) in sorted(self._held.items()):
@@ -362,7 +363,7 @@ class S3Sink(Sink):
 
     async def _finish(self, size: int) -> None:
         if self._upload_id is None and not self._held and self._part_index == 0:
-            await self._put(bytes(self._part))
+            await self._put(self._part)
         else:
             if self._part:
                 await self._upload(self._part_index, self._part)
@@ -375,7 +376,7 @@ class S3Sink(Sink):
         await self._verify(size)
         await self._stack.aclose()
 
-    async def _put(self, data: bytes) -> None:
+    async def _put(self, data: bytearray) -> None:
         md5 = await asyncio.to_thread(content_md5, data)
         self._object_written = True
         await self._request("s3:PutObject", "PutObject", lambda: self._client.put_object(
