@@ -7,6 +7,7 @@ import asyncio
 import random
 import ssl
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from tests.s3server import (  # noqa: F401  (fixtures)
     BUCKET,
     S3Server,
     aws_files,
+    environment,
     fast_retries,
     moto,
     moto_server,
@@ -33,6 +35,8 @@ from vmied.io.open import create_sink, open_source
 from vmied.io.retry import Retrier, RetryPolicy, Transient
 from vmied.io.s3 import S3Config
 from vmied.pipeline import Progress, Workers
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +100,17 @@ async def test_presigned_url_converts_like_the_file(seaweed: S3Server, disk: Pat
     seaweed.client().upload_file(str(disk), BUCKET, "disk.raw")
     await convert_url(presign(seaweed, "disk.raw"), tmp_path / "out.raw")
     assert sha256_file(tmp_path / "out.raw") == sha256_file(disk)
+
+
+def test_cli_converts_a_presigned_url(seaweed: S3Server, disk: Path, tmp_path: Path,
+                                     aws_files: dict[str, str]) -> None:
+    seaweed.client().upload_file(str(disk), BUCKET, "disk.raw")
+    out = tmp_path / "out.raw"
+    run = subprocess.run([sys.executable, "-m", "vmied", "convert", "-f", "raw", presign(seaweed, "disk.raw"),
+                          str(out)], env=environment(aws_files), capture_output=True, text=True, cwd=ROOT,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert sha256_file(out) == sha256_file(disk)
 
 
 async def test_faults_are_retried_from_the_last_byte(seaweed: S3Server, disk: Path, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import random
 import subprocess
 import sys
@@ -358,6 +359,15 @@ def test_cli_s3_to_s3_writes_nothing_locally(moto: S3Server, disk: Path, tmp_pat
                           cwd=ROOT, timeout=300)
     assert back.returncode == 0, back.stderr
     assert s3_sha256(moto, "back.raw") == sha256_file(disk)
+
+
+def test_cli_info_of_an_s3_object(moto: S3Server, aws_files: dict[str, str]) -> None:
+    moto.client().put_object(Bucket=BUCKET, Key="info.raw", Body=bytes(3 * MiB))
+    run = subprocess.run([sys.executable, "-m", "vmied", "info", "-f", "raw", "--output", "json", url("info.raw"),
+                          *storage_flags(moto)], env=environment(aws_files), capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["virtual_size"] == 3 * MiB
 
 
 def test_cli_reports_a_denied_write(seaweed: S3Server, disk: Path, aws_files: dict[str, str]) -> None:
