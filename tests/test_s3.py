@@ -221,6 +221,19 @@ async def test_unknown_profile_is_a_storage_error(moto: S3Server) -> None:
         await open_source(url("x.raw"), moto.config(profile="nobody"))
 
 
+async def test_sequential_windows_follow_the_configuration(moto: S3Server) -> None:
+    data = random.Random(4).randbytes(5 * MiB + 7)
+    moto.client().put_object(Bucket=BUCKET, Key="windows.raw", Body=data)
+    source = await open_source(url("windows.raw"), moto.config(window=MiB, readahead=3))
+    try:
+        chunks = [chunk async for chunk in source.windows(100)]
+        assert [len(c) for c in chunks] == [MiB] * 4 + [MiB - 93]
+        assert b"".join(chunks) == data[100:]
+        assert len(await source.read_at(len(data) - 3, 10)) == 3
+    finally:
+        await source.close()
+
+
 async def test_object_changed_while_reading(moto: S3Server) -> None:
     client = moto.client()
     client.put_object(Bucket=BUCKET, Key="moving.raw", Body=bytes(2 * MiB))

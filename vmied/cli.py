@@ -20,7 +20,7 @@ from . import __version__
 from .convert import convert
 from .errors import Cancelled, UsageError, VmiedError
 from .formats import open_reader, output_formats
-from .io.base import MiB
+from .io.base import DEFAULT_READAHEAD, DEFAULT_WINDOW, MiB
 from .io.open import create_sink, open_source
 from .io.s3 import S3Config
 from .pipeline import Progress, Workers
@@ -136,6 +136,7 @@ def s3_config(args: argparse.Namespace, profile: str | None) -> S3Config:
     """The identity and endpoint for one side of the conversion (``--source-profile`` etc. win)."""
     return S3Config(profile=profile or args.profile, region=args.region, endpoint_url=args.endpoint_url,
                     path_style=args.path_style, ca_bundle=args.ca_bundle,
+                    window=args.window_size * MiB, readahead=args.readahead,
                     part_size=args.part_size * MiB, parts_in_flight=args.parts_in_flight)
 
 
@@ -148,6 +149,10 @@ def add_storage_arguments(parser: argparse.ArgumentParser, destination: bool) ->
     group.add_argument("--region", help="AWS region")
     group.add_argument("--path-style", action="store_true", help="address buckets in the path, not the host")
     group.add_argument("--ca-bundle", help="PEM file of trusted CAs (default: AWS_CA_BUNDLE, system)")
+    group.add_argument("--window-size", type=int, default=DEFAULT_WINDOW // MiB, metavar="MIB",
+                       help="size of one ranged read of a sequential pass, in MiB")
+    group.add_argument("--readahead", type=int, default=DEFAULT_READAHEAD, metavar="N",
+                       help="ranged reads in flight ahead of the reader")
     group.add_argument("--part-size", type=int, default=16, metavar="MIB",
                        help="base multipart part size in MiB (grown only for very large outputs)")
     group.add_argument("--parts-in-flight", type=int, default=4, metavar="N",

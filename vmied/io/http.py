@@ -16,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 
 from ..errors import StorageError, UsageError
-from .base import MiB
+from .base import DEFAULT_READAHEAD, DEFAULT_WINDOW, MiB
 from .retry import RangedSource, Retrier, RetryPolicy, Transient, network_failure, status_failure
 
 #: ``Content-Range: bytes 0-0/1234`` (or ``bytes */1234`` when the object is empty).
@@ -50,15 +50,16 @@ def http_failure(status: int, name: str, reason: str) -> Exception:
 
 class HttpSource(RangedSource):
     def __init__(self, url: str, session: aiohttp.ClientSession, size: int, etag: str | None,
-                 policy: RetryPolicy) -> None:
-        super().__init__(public_name(url), size, policy)
+                 policy: RetryPolicy, window: int = DEFAULT_WINDOW, readahead: int = DEFAULT_READAHEAD) -> None:
+        super().__init__(public_name(url), size, policy, window, readahead)
         self.url = url
         self.etag = etag
         self._session = session
 
     @classmethod
     async def open(cls, url: str, policy: RetryPolicy | None = None, ca_bundle: str | None = None,
-                   connections: int = 16) -> HttpSource:
+                   connections: int = 16, window: int = DEFAULT_WINDOW,
+                   readahead: int = DEFAULT_READAHEAD) -> HttpSource:
         if not url.startswith(("https://", "http://")):
             raise UsageError(f"{public_name(url)} is not an http(s) URL")
         policy = policy or RetryPolicy()
@@ -74,7 +75,7 @@ class HttpSource(RangedSource):
         except BaseException:
             await session.close()
             raise
-        return cls(url, session, size, etag, policy)
+        return cls(url, session, size, etag, policy, window, readahead)
 
     async def _fetch(self, offset: int, length: int, into: bytearray) -> None:
         headers = {"Range": f"bytes={offset}-{offset + length - 1}"}

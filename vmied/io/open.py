@@ -20,7 +20,8 @@ async def open_source(location: str, s3: S3Config | None = None) -> Source:
     if location.startswith("s3://"):
         return await S3Source.open(S3Location.parse(location), config)
     if location.startswith(("http://", "https://")):
-        return await HttpSource.open(location, config.retry, config.ca_bundle, config.connections)
+        return await HttpSource.open(location, config.retry, config.ca_bundle, config.connections,
+                                     config.window, config.readahead)
     return await FileSource.open(location)
 
 

@@ -13,14 +13,14 @@ import asyncio
 import random
 import ssl
 from abc import abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 import aiohttp
 
 from ..errors import StorageError
-from .base import Source
+from .base import DEFAULT_READAHEAD, DEFAULT_WINDOW, Source
 
 T = TypeVar("T")
 
@@ -105,12 +105,21 @@ class Retrier:
 class RangedSource(Source):
     """A remote object read by ranged requests; a failed request resumes from the last byte received."""
 
-    def __init__(self, name: str, size: int, policy: RetryPolicy) -> None:
-        if policy.attempts < 1:
-            raise ValueError("a retry policy needs at least one attempt")
+    def __init__(self, name: str, size: int, policy: RetryPolicy, window: int = DEFAULT_WINDOW,
+                 readahead: int = DEFAULT_READAHEAD) -> None:
+        if policy.attempts < 1 or window < 1 or readahead < 1:
+            raise ValueError("a remote source needs an attempt, a window and a request in flight")
         self.name = name
         self.size = size
         self.retrier = Retrier(policy)
+        self.window = window
+        self.readahead = readahead
+
+    async def windows(self, start: int = 0, end: int | None = None, window: int | None = None,
+                      readahead: int | None = None) -> AsyncIterator[bytes]:
+        """Sequential windows; the sizes default to this source's configuration (memory: their product)."""
+        async for chunk in super().windows(start, end, window or self.window, readahead or self.readahead):
+            yield chunk
 
     @property
     def retries(self) -> list[RetryRecord]:

@@ -47,7 +47,7 @@ from botocore.exceptions import (
 
 from ..errors import StorageError, UsageError
 from ..extents import Buffer
-from .base import MiB, Placeholder, Sink, Source, check_sibling_name
+from .base import DEFAULT_READAHEAD, DEFAULT_WINDOW, MiB, Placeholder, Sink, Source, check_sibling_name
 from .retry import RangedSource, Retrier, RetryPolicy, Transient, network_failure, status_failure
 
 T = TypeVar("T")
@@ -93,6 +93,8 @@ class S3Config:
     endpoint_url: str | None = None  # an S3-compatible service instead of AWS
     path_style: bool = False  # bucket in the path rather than in the host name
     ca_bundle: str | None = None  # PEM file of trusted CAs; None: AWS_CA_BUNDLE or the system store
+    window: int = DEFAULT_WINDOW  # one ranged GET of a sequential pass
+    readahead: int = DEFAULT_READAHEAD  # ranged GETs in flight ahead of the reader
     part_size: int = 16 * MiB  # base part size (grown by the expected size or by the plan)
     parts_in_flight: int = 4
     connections: int = 16
@@ -193,7 +195,7 @@ async def s3_client(config: S3Config, stack: AsyncExitStack) -> Any:
 class S3Source(RangedSource):
     def __init__(self, location: S3Location, config: S3Config, client: Any, stack: AsyncExitStack,
                  size: int, etag: str) -> None:
-        super().__init__(str(location), size, config.retry)
+        super().__init__(str(location), size, config.retry, config.window, config.readahead)
         self.location = location
         self.config = config
         self.etag = etag
