@@ -204,3 +204,11 @@ async def test_https_with_a_custom_ca_bundle(https_file: str, certificate: tuple
         await open_source(https_file, S3Config(retry=fast_retries(attempts=3)))
     assert untrusted.value.reason == "http.tls"
     assert "secret" not in str(untrusted.value)
+
+
+@pytest.mark.parametrize("location", ["https://127.0.0.1:9/x.raw", "s3://bucket/x.raw"])
+async def test_a_missing_ca_bundle_is_refused_at_once(location: str, tmp_path: Path) -> None:
+    with pytest.raises(StorageError, match="is not a readable file") as missing:
+        await open_source(location, S3Config(ca_bundle=str(tmp_path / "absent.pem"), region="us-east-1",
+                                             endpoint_url="https://127.0.0.1:9"))
+    assert missing.value.reason == "tls.ca_bundle"

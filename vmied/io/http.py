@@ -30,8 +30,20 @@ def public_name(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
+def ca_bundle_path(ca_bundle: str | None) -> str | None:
+    """The CA bundle to trust (the parameter, else AWS_CA_BUNDLE), refused at once if it is missing."""
+    path = ca_bundle or os.environ.get("AWS_CA_BUNDLE") or None
+    if path is not None and not os.path.isfile(path):
+        raise StorageError(f"CA bundle {path} is not a readable file", reason="tls.ca_bundle")
+    return path
+
+
 def ssl_context(ca_bundle: str | None) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=ca_bundle or os.environ.get("AWS_CA_BUNDLE") or None)
+    path = ca_bundle_path(ca_bundle)
+    try:
+        return ssl.create_default_context(cafile=path)
+    except (OSError, ssl.SSLError) as exc:
+        raise StorageError(f"CA bundle {path} cannot be loaded: {exc}", reason="tls.ca_bundle") from None
 
 
 def http_failure(status: int, name: str, reason: str) -> Exception:

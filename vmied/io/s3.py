@@ -48,6 +48,7 @@ from botocore.exceptions import (
 from ..errors import StorageError, UsageError
 from ..extents import Buffer
 from .base import DEFAULT_READAHEAD, DEFAULT_WINDOW, MiB, Placeholder, Sink, Source, check_sibling_name
+from .http import ca_bundle_path
 from .retry import RangedSource, Retrier, RetryPolicy, Transient, network_failure, status_failure
 
 T = TypeVar("T")
@@ -160,7 +161,7 @@ def s3_failure(exc: BaseException, location: S3Location, action: str) -> Excepti
         return transient
     if isinstance(exc, BotoCoreError):  # credentials, profiles, endpoint configuration
         return StorageError(f"{action} on {location}: {exc}", reason="s3.config")
-    raise exc
+    return StorageError(f"{action} on {location} failed: {exc}", reason="s3.error")
 
 
 async def s3_call(location: S3Location, action: str, call: Callable[[], Awaitable[T]]) -> T:
@@ -186,7 +187,7 @@ async def s3_client(config: S3Config, stack: AsyncExitStack) -> Any:
         )
         return await stack.enter_async_context(session.create_client(
             "s3", region_name=config.region, endpoint_url=config.endpoint_url,
-            verify=config.ca_bundle, config=botocore_config,
+            verify=ca_bundle_path(config.ca_bundle), config=botocore_config,
         ))
     except BotoCoreError as exc:
         raise StorageError(f"cannot set up S3 access: {exc}", reason="s3.config") from None
