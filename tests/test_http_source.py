@@ -151,6 +151,15 @@ async def test_denied_and_missing_fail_fast(seaweed: S3Server) -> None:
     assert missing.value.reason == "http.not_found"
 
 
+async def test_an_empty_object_has_size_zero(seaweed: S3Server) -> None:
+    seaweed.client().put_object(Bucket=BUCKET, Key="empty.raw", Body=b"")
+    source = await open_source(presign(seaweed, "empty.raw"))
+    try:
+        assert source.size == 0 and await source.read_at(0, 10) == b""
+    finally:
+        await source.close()
+
+
 async def test_object_changed_while_reading(moto: S3Server) -> None:
     client = moto.client()
     client.put_object(Bucket=BUCKET, Key="moving.raw", Body=bytes(2 * MiB))

@@ -28,7 +28,7 @@ from tests.s3server import (  # noqa: F401  (fixtures)
     seaweed_server,
 )
 from vmied.convert import convert
-from vmied.errors import Cancelled, StorageError
+from vmied.errors import Cancelled, StorageError, UnsupportedImage
 from vmied.formats.formats_available import WRITERS
 from vmied.io.base import Sink, Source
 from vmied.io.open import create_sink, open_source
@@ -230,6 +230,20 @@ async def test_sequential_windows_follow_the_configuration(moto: S3Server) -> No
         assert [len(c) for c in chunks] == [MiB] * 4 + [MiB - 93]
         assert b"".join(chunks) == data[100:]
         assert len(await source.read_at(len(data) - 3, 10)) == 3
+    finally:
+        await source.close()
+
+
+async def test_sibling_objects_are_opened_beside_the_key(moto: S3Server) -> None:
+    moto.client().put_object(Bucket=BUCKET, Key="vm/disk.vmdk", Body=b"descriptor")
+    moto.client().put_object(Bucket=BUCKET, Key="vm/disk-flat.vmdk", Body=b"extent")
+    source = await open_source(url("vm/disk.vmdk"), moto.config())
+    try:
+        sibling = await source.open_sibling("disk-flat.vmdk")
+        assert sibling.name == url("vm/disk-flat.vmdk") and await sibling.read_at(0, 6) == b"extent"
+        await sibling.close()
+        with pytest.raises(UnsupportedImage, match="plain name"):
+            await source.open_sibling("../other/disk-flat.vmdk")
     finally:
         await source.close()
 
