@@ -2,9 +2,10 @@
 
 Requests are forwarded unchanged (the Host header too, so signatures still verify). A fault plan
 says, per HTTP method, which request goes wrong and how: an error status (500, 503, SlowDown), a
-connection reset in the middle of the body, a body cut short with a clean close, or a stall longer
-than the client's read timeout. Faults fire exactly once each, in a deterministic order, and every
-one that fired is recorded in :attr:`FaultProxy.fired`.
+connection reset in the middle of the body, a body cut short with a clean close, a stall longer
+than the client's read timeout, or an uploaded body with one byte flipped. Faults fire exactly
+once each, in a deterministic order, and every one that fired is recorded in
+:attr:`FaultProxy.fired`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ BODY_FAULTS = ("reset", "truncate", "stall")
 class Fault:
     """Apply ``kind`` to the ``nth`` (1-based) request with ``method`` counted from the plan's start."""
 
-    kind: str  # one of STATUS_FAULTS, BODY_FAULTS, or "drop" (close without answering)
+    kind: str  # one of STATUS_FAULTS, BODY_FAULTS, "drop" (close without answering), "corrupt" (request body)
     method: str
     nth: int
 
@@ -70,6 +71,8 @@ class FaultProxy:
         if kind == "drop":
             _reset(request)
             return web.Response()  # never sent: the connection is gone
+        if kind == "corrupt" and body:  # one byte flipped on the way: the part's checksum must catch it
+            body = body[:-1] + bytes([body[-1] ^ 0xFF])
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         assert self._session is not None
         async with self._session.request(request.method, self.upstream + request.path_qs, headers=headers,

@@ -306,6 +306,17 @@ async def test_vmdk_stream_round_trip_through_faults(moto: S3Server, disk: Path)
     assert moto.uploads() == []
 
 
+async def test_a_part_damaged_on_the_way_is_caught_and_sent_again(seaweed: S3Server, disk: Path) -> None:
+    """The part's Content-MD5 lets the server refuse a flipped byte (moto does not check it; SeaweedFS does)."""
+    plan = [Fault("corrupt", "PUT", 2), Fault("corrupt", "PUT", 4)]
+    with fault_proxy(seaweed.endpoint, plan) as proxy:
+        config = seaweed.config(proxy.endpoint, part_size=MIN_PART, parts_in_flight=1, retry=fast_retries())
+        _, sink = await run_convert(str(disk), url("copy.raw"), "raw", dst_config=config, input_format="raw")
+    assert len(proxy.fired) == 2
+    assert [record.reason for record in sink.retries] == ["BadDigest", "BadDigest"]  # type: ignore[attr-defined]
+    assert s3_sha256(seaweed, "copy.raw") == sha256_file(disk)
+
+
 async def test_persistent_failure_aborts_the_upload(moto: S3Server, disk: Path) -> None:
     moto.client().upload_file(str(disk), BUCKET, "disk.raw")
     plan = [Fault("500", "PUT", n) for n in range(2, 10)]

@@ -62,9 +62,11 @@ FLAT_PARTS = 5_000
 GROWTH_STEP = 500
 #: Bytes taken from a response body per read: a bounded buffer, large enough to keep syscalls few.
 BODY_CHUNK = MiB
-#: Error codes S3 uses for "slow down / try again" besides the 5xx statuses.
+#: Error codes S3 uses for "slow down / try again" besides the 5xx statuses, and for a body damaged
+#: or cut on the way (BadDigest: the part's Content-MD5 caught it; the bytes in memory are fine).
 TRANSIENT_CODES = frozenset({"SlowDown", "RequestTimeout", "Throttling", "ThrottlingException",
-                             "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable"})
+                             "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable", "BadDigest",
+                             "IncompleteBody"})
 
 
 @dataclass(frozen=True, slots=True)
