@@ -92,7 +92,8 @@ async def run_convert(args: argparse.Namespace) -> int:
     options = parse_options(args.options)
     source = await open_source(args.source, s3_config(args, args.source_profile))
     try:
-        sink = await create_sink(args.destination, s3_config(args, args.dest_profile), sync=args.sync)
+        sink = await create_sink(args.destination, s3_config(args, args.dest_profile),
+                                 expected_size=source.size, sync=args.sync)  # size: a hint for S3 parts
         with Workers() as workers:
             result = await convert(
                 source, sink, args.output_format, options=options, input_format=args.format,
