@@ -13,7 +13,7 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TextIO
 
 from . import __version__
@@ -194,8 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    run: Callable[[argparse.Namespace], Coroutine[Any, Any, int]] = args.run
     try:
-        return asyncio.run(args.run(args))
+        return asyncio.run(run(args))
     except VmiedError as exc:
         if isinstance(exc, Cancelled):
             print("vmied: cancelled; no output was left behind", file=sys.stderr)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 
-from .errors import CorruptImage
-from .extents import Buffer
-
 import deflate as _libdeflate
 from isal import isal_zlib as _isal
+
+from .errors import CorruptImage
+from .extents import Buffer
 
 _INFLATE_ERRORS = (zlib.error, ValueError, _libdeflate.DeflateError)
 #: ISA-L level 1: the fastest level whose output stays within the size target.
