@@ -117,6 +117,12 @@ async def blocks(extents: AsyncIterator[Extent], block_size: int) -> AsyncIterat
                 if current and any(e.kind is not Kind.ZERO for e in current):
                     yield index, current
                 current, index = [], block
+                hole_end = extent.end - extent.end % block_size
+                if extent.kind is Kind.ZERO and position % block_size == 0 and hole_end > position:
+                    # Whole blocks inside a hole yield nothing: jump over them, so a sparse
+                    # multi-TiB disk costs nothing per empty block.
+                    current, index, position = [], -1, hole_end
+                    continue
             current.append(clip(extent, position, block_end))
             position = block_end
     if current and any(e.kind is not Kind.ZERO for e in current):

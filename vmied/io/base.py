@@ -126,23 +126,35 @@ class Sink(ABC):
     def __init__(self, buffer_size: int = 8 * MiB) -> None:
         self.position = 0
         self.bytes_written = 0
-        self._buffer = bytearray()
+        # Writes are gathered by reference (no copy on the event loop) and handed on together.
+        self._chunks: list[Buffer] = []
+        self._buffered = 0
         self._buffer_offset = 0
         self._buffer_size = buffer_size
+        self._reserved: dict[int, bytearray] = {}  # placeholders still in the buffer, by offset
 
     async def write(self, data: Buffer) -> None:
-        if not self._buffer:
+        if not data:
+            return
+        if not self._chunks:
             self._buffer_offset = self.position
-        self._buffer += data
+        self._chunks.append(data)
+        self._buffered += len(data)
         self.position += len(data)
-        if len(self._buffer) >= self._buffer_size:
+        if self._buffered >= self._buffer_size:
             await self.flush()
 
     async def flush(self) -> None:
-        if self._buffer:
-            data, self._buffer = bytes(self._buffer), bytearray()
-            await self._write_at(self._buffer_offset, data)
-            self.bytes_written += len(data)
+        if self._chunks:
+            chunks, offset, size = self._chunks, self._buffer_offset, self._buffered
+            self._chunks, self._buffered = [], 0
+            self._reserved.clear()
+            await self._write_chunks(offset, chunks)
+            self.bytes_written += size
+
+    async def _write_chunks(self, offset: int, chunks: list[Buffer]) -> None:
+        """Write gathered chunks at ``offset``; backends that can write a vector override this."""
+        await self._write_at(offset, b"".join(chunks))
 
     async def skip(self, length: int) -> None:
         """Advance over ``length`` zero bytes (a hole where the backend can make one)."""
@@ -161,15 +173,18 @@ class Sink(ABC):
 
     async def reserve(self, length: int) -> Placeholder:
         placeholder = Placeholder(self.position, length)
-        await self.write(bytes(length))
+        region = bytearray(length)
+        await self.write(region)
+        if self._chunks and self._chunks[-1] is region:
+            self._reserved[placeholder.offset] = region
         return placeholder
 
     async def fill(self, placeholder: Placeholder, data: Buffer) -> None:
         if len(data) != placeholder.length:
             raise ValueError(f"placeholder of {placeholder.length} bytes filled with {len(data)}")
-        start = placeholder.offset - self._buffer_offset
-        if self._buffer and start >= 0 and start + len(data) <= len(self._buffer):
-            self._buffer[start : start + len(data)] = data  # still in memory: patch it there
+        region = self._reserved.get(placeholder.offset)
+        if region is not None and len(region) == len(data):
+            region[:] = data  # still in memory: patch it there
             return
         await self.flush()
         await self._fill(placeholder.offset, bytes(data))
