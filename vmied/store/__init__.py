@@ -1,0 +1,53 @@
+"""The snapshot store (design §4): snapshots as packs of deflated 64 KiB grains plus a manifest.
+
+``open_store(config, workers)`` gives a :class:`SnapshotStore` on a local directory or an S3 bucket
++ prefix from the daemon's configuration; the same store is built from explicit parts with
+``SnapshotStore(LocalObjects(path) | await S3Objects.open(S3Config, bucket, prefix), workers)``.
+The object formats are in :mod:`.layout`, the object layer in :mod:`.objects`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..errors import UsageError
+from ..io.s3 import S3Config
+from ..pipeline import Workers
+from .layout import GRAIN_SIZE, CorruptSnapshot, SnapshotNotFound
+from .objects import LocalObjects, Objects, S3Objects
+from .store import SnapshotStore, StoredSnapshot, StoreOptions, StoreReader
+
+
+def store_options(store_config: Any) -> StoreOptions:
+    """Options from a ``[store]`` section; attributes it lacks keep their defaults."""
+    defaults = StoreOptions()
+    names = ("pack_size", "packs_in_flight", "window", "readahead", "index_cache_bytes", "digest_max_size")
+    return StoreOptions(**{name: getattr(store_config, name, getattr(defaults, name)) for name in names})
+
+
+async def open_store(config: Any, workers: Workers) -> SnapshotStore:
+    """The store ``config.store`` describes (``kind`` local: ``path``; s3: ``bucket``, ``prefix``, ...)."""
+    section = config.store
+    kind = getattr(section, "kind", "local")
+    objects: Objects
+    if kind == "local":
+        path = section.path or os.path.join(config.state.directory, "store")
+        objects = await LocalObjects.open(path)
+    elif kind == "s3":
+        if not section.bucket:
+            raise UsageError("store.kind is s3 but store.bucket is empty")
+        s3 = config.s3_config() if hasattr(config, "s3_config") else S3Config()
+        endpoint = section.endpoint_url or None
+        objects = await S3Objects.open(
+            S3Config(profile=section.profile or None, region=section.region or s3.region, endpoint_url=endpoint,
+                     path_style=getattr(section, "path_style", s3.path_style or bool(endpoint)),
+                     ca_bundle=getattr(section, "ca_bundle", None) or s3.ca_bundle, retry=s3.retry),
+            section.bucket, section.prefix)
+    else:
+        raise UsageError(f"store.kind {kind!r}: choose local or s3")
+    return SnapshotStore(objects, workers, store_options(section))
+
+
+__all__ = ["GRAIN_SIZE", "CorruptSnapshot", "LocalObjects", "Objects", "S3Objects", "SnapshotNotFound",
+           "SnapshotStore", "StoreOptions", "StoreReader", "StoredSnapshot", "open_store", "store_options"]
