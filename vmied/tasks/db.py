@@ -327,6 +327,12 @@ def _insert_image(conn: sqlite3.Connection, image: ImageRecord) -> None:
                       for position, device in enumerate(image.devices)])
 
 
+def _upsert_tags(conn: sqlite3.Connection, tags: list[Tag]) -> None:
+    conn.executemany("INSERT INTO tags (resource_id, key, value, resource_type) VALUES (?, ?, ?, ?) "
+                     "ON CONFLICT (resource_id, key) DO UPDATE SET value = excluded.value",
+                     [(t.resource_id, t.key, t.value, t.resource_type) for t in tags])
+
+
 def _placeholders(values: Iterable[object]) -> str:
     return ",".join("?" for _ in values)
 
@@ -350,12 +356,13 @@ class Catalog:
 
     # --- tasks ------------------------------------------------------------------------------------------
 
-    async def create_task(self, task: Task) -> tuple[Task, bool]:
+    async def create_task(self, task: Task, tags: Iterable[Tag] = ()) -> tuple[Task, bool]:
         """Insert ``task``; with a client token already used by the same key, the earlier task instead.
 
         Returns ``(task, created)``. Raises :class:`TokenMismatch` when the token's earlier request
-        had different parameters (``IdempotentParameterMismatch``).
+        had different parameters (``IdempotentParameterMismatch``). ``tags`` are added with the task.
         """
+        tag_list = list(tags)
 
         def insert(conn: sqlite3.Connection) -> tuple[Task, bool]:
             if task.client_token is not None:
@@ -368,6 +375,7 @@ class Catalog:
                     return earlier, False
             conn.execute(f"INSERT INTO tasks ({_TASK_COLUMNS}) VALUES ({_placeholders(_TASK_COLUMNS.split(','))})",
                          _task_values(task))
+            _upsert_tags(conn, tag_list)
             return task, True
 
         return await self.db.run(insert)
@@ -524,9 +532,7 @@ class Catalog:
         tag_list = list(tags)
 
         def upsert(conn: sqlite3.Connection) -> str | None:
-            conn.executemany("INSERT INTO tags (resource_id, key, value, resource_type) VALUES (?, ?, ?, ?) "
-                             "ON CONFLICT (resource_id, key) DO UPDATE SET value = excluded.value",
-                             [(t.resource_id, t.key, t.value, t.resource_type) for t in tag_list])
+            _upsert_tags(conn, tag_list)
             for resource_id in sorted({t.resource_id for t in tag_list}):
                 count = conn.execute("SELECT count(*) FROM tags WHERE resource_id = ?", (resource_id,)).fetchone()[0]
                 if count > limit:

@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import metrics
 from ..errors import UnsupportedImage, VmiedError
-from ..extents import Extent, checked
 from ..formats import detect, reader_class
 from ..formats.base import Reader
 from ..formats.ova import Appliance, OvaReader, open_appliance
@@ -222,13 +221,6 @@ def describe_disks(context: TaskContext, plan: Plan) -> None:
 # --- converting --------------------------------------------------------------------------------------
 
 
-async def tracked(extents: AsyncIterator[Extent], progress: Progress) -> AsyncIterator[Extent]:
-    async for extent in extents:
-        progress.check()
-        yield extent
-        progress.advance(extent.end)
-
-
 async def write_disk(context: TaskContext, disk: PlannedDisk, done_before: int, total: int,
                      span: tuple[int, int]) -> SnapshotRecord:
     """Stream one disk into the store as a new snapshot; the catalog row is returned, not yet committed."""
@@ -241,22 +233,33 @@ async def write_disk(context: TaskContext, disk: PlannedDisk, done_before: int, 
     low, high = span
     source: Source | None = getattr(reader, "source", None)
 
+    def bytes_read() -> int:
+        return source.bytes_read if source is not None else int(getattr(reader, "bytes_read", 0))
+
     def report(current: Progress) -> None:
         fraction = (done_before + current.position) / total if total else 1.0
         context.report(low + int((high - low) * fraction), position=done_before + current.position,
-                       virtual=total, read=source.bytes_read if source is not None else 0)
+                       virtual=total, read=bytes_read(), written=written_before + current.bytes_written)
 
+    written_before = int(context.task.phase_bytes.get(context.task.phase, {}).get("written", 0))
+    progress.bytes_written = 0
     progress.listeners[:] = [report]
-    stream = tracked(prefetch(checked(reader.extents(), disk.virtual_size)), progress)
     context.written.append(snapshot_id)
-    stored = await service.store.write(snapshot_id, stream, disk.virtual_size, progress)
+    # The store checks the stream, advances the progress and stops at its cancel flag.
+    stored = await service.store.write(snapshot_id, prefetch(reader.extents()), disk.virtual_size, progress)
     progress.listeners.clear()
+    context.report(low + int((high - low) * (done_before + disk.virtual_size) / total) if total else high,
+                   position=done_before + disk.virtual_size, virtual=total, read=bytes_read(),
+                   written=written_before + stored.stored_bytes)
+    label = metrics.bounded(disk.format.lower(), (*FORMATS, "qcow2", "empty"))
+    metrics.BYTES.labels(label, "read").inc(bytes_read())
+    metrics.BYTES.labels("store", "written").inc(stored.stored_bytes)
     task = context.task
     params = task.params
     return SnapshotRecord(snapshot_id, disk.virtual_size, task.account_id, snapshot_description(task.id),
-                          stored_bytes=getattr(stored, "stored_bytes", 0), task_id=task.id,
+                          stored_bytes=stored.stored_bytes, task_id=task.id,
                           encrypted=bool(params.get("Encrypted")), kms_key_id=params.get("KmsKeyId", ""),
-                          sha256=getattr(stored, "sha256", "") or "")
+                          sha256=stored.sha256 or "")
 
 
 def platform_defaults(params: dict[str, Any]) -> dict[str, str]:

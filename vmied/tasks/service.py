@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from .. import metrics
@@ -21,7 +22,7 @@ from ..config import Config
 from ..errors import VmiedError
 from ..pipeline import Workers
 from . import imports  # noqa: F401  (registers the import task kinds)
-from .db import ACTIVE, COMPLETED, DELETED, DELETING, FINISHED_STATES, Catalog, ImageRecord, Task
+from .db import ACTIVE, COMPLETED, DELETED, DELETING, FINISHED_STATES, Catalog, ImageRecord, Tag, Task
 from .engine import KINDS, Engine
 
 log = logging.getLogger("vmied.tasks")
@@ -82,7 +83,7 @@ class Service:
 
     # --- tasks ---------------------------------------------------------------------------------------
 
-    async def submit(self, task: Task) -> tuple[Task, bool]:
+    async def submit(self, task: Task, tags: Iterable[Tag] = ()) -> tuple[Task, bool]:
         """Create and queue ``task``; with a client token seen before, the earlier task (created False).
 
         Raises :class:`~vmied.tasks.db.TokenMismatch` if that token came with other parameters.
@@ -92,7 +93,7 @@ class Service:
         task.status_message = "pending"
         task.progress = KINDS[task.kind].pending_progress
         task.phase = "pending"
-        stored, created = await self.catalog.create_task(task)
+        stored, created = await self.catalog.create_task(task, tags)
         if created:
             self.engine.transition(stored)
             self.engine.enqueue(stored)
