@@ -489,9 +489,38 @@ def _padded(data: Buffer) -> bytes:
     return bytes(data) + bytes(-len(data) % SECTOR)
 
 
+#: A grain record as pieces for a gathering sink: marker head, deflated grain, sector padding.
+Record = tuple[bytes, bytes, bytes]
+
+
+def grain_record(lba: int, compressed: bytes) -> Record:
+    """A grain marker and its data, padded to a sector, without copying the data."""
+    head = struct.pack("<QI", lba, len(compressed))
+    return head, compressed, _ZERO_PAD[: -(len(head) + len(compressed)) % SECTOR]
+
+
 def stream_grain_record(lba: int, compressed: bytes) -> bytes:
-    """A grain marker and its data, padded to a sector."""
-    return _padded(struct.pack("<QI", lba, len(compressed)) + compressed)
+    """A grain marker and its data, padded to a sector, as one buffer."""
+    return b"".join(grain_record(lba, compressed))
+
+
+_ZERO_PAD = bytes(SECTOR)
+
+
+def grain_records(grains: list[bytes | None], first: int, grain_sectors: int) -> list[Record | None]:
+    """Frame deflated grains as stream records in the worker, so the writer only places them."""
+    return [None if grain is None else grain_record((first + i) * grain_sectors, grain)
+            for i, grain in enumerate(grains)]
+
+
+def compress_records(data: Buffer, grain_bytes: int, first: int) -> list[Record | None]:
+    """Worker job: the stream records of the grains of ``data`` (None for all-zero grains)."""
+    return grain_records(compress_grains(data, grain_bytes), first, grain_bytes // SECTOR)
+
+
+def verify_records(grains: tuple[bytes, ...], grain_bytes: int, length: int, first: int) -> list[Record | None]:
+    """Worker job for pass-through grains: checked (see verify_grains), then framed."""
+    return grain_records(verify_grains(grains, grain_bytes, length), first, grain_bytes // SECTOR)
 
 
 def metadata_marker(sectors: int, kind: int) -> bytes:
@@ -542,23 +571,22 @@ class VmdkWriter(Writer):
         if len(descriptor) > DESCRIPTOR_SECTORS * SECTOR:
             raise ValueError("descriptor larger than its reserved sectors")
         layout = _Layout(capacity, grain_bytes)
-        grains = self._compressed_grains(extents, grain_bytes) if subformat == "streamOptimized" \
-            else self._plain_grains(extents, grain_bytes)
         if subformat == "streamOptimized":
-            await _StreamWriter(self.sink, layout, descriptor).write(grains)
+            await _StreamWriter(self.sink, layout, descriptor).write(self._compressed_grains(extents, grain_bytes))
         else:
-            await _SparseWriter(self.sink, layout, descriptor).write(grains)
+            await _SparseWriter(self.sink, layout, descriptor).write(self._plain_grains(extents, grain_bytes))
 
     async def _compressed_grains(self, extents: AsyncIterator[Extent], grain_bytes: int
-                                 ) -> AsyncIterator[tuple[int, list[bytes | None]]]:
-        """(first grain index, deflated grains or None) per batch, deflated in the pool, in order."""
-        def job(extent: Extent) -> Awaitable[list[bytes | None]]:
+                                 ) -> AsyncIterator[tuple[int, list[Record | None]]]:
+        """(first grain index, framed grain records or None) per batch, made in the pool, in order."""
+        def job(extent: Extent) -> Awaitable[list[Record | None]]:
+            first = extent.offset // grain_bytes
             if extent.kind is Kind.DEFLATED:
-                return self.workers.run(verify_grains, extent.grains, grain_bytes, extent.length)
+                return self.workers.run(verify_records, extent.grains, grain_bytes, extent.length, first)
             assert extent.data is not None
-            return self.workers.run(compress_grains, extent.data, grain_bytes)
+            return self.workers.run(compress_records, extent.data, grain_bytes, first)
 
-        async def start(extent: Extent) -> tuple[int, list[bytes | None]]:
+        async def start(extent: Extent) -> tuple[int, list[Record | None]]:
             if extent.kind is Kind.ZERO:
                 return extent.offset // grain_bytes, []
             return extent.offset // grain_bytes, await job(extent)
@@ -625,20 +653,20 @@ class _StreamWriter:
                                   gd_offset=gd_offset, rgd_offset=0, overhead=overhead,
                                   compressed=True).pack()
 
-    async def write(self, batches: AsyncIterator[tuple[int, list[bytes | None]]]) -> None:
+    async def write(self, batches: AsyncIterator[tuple[int, list[Record | None]]]) -> None:
         sink = self.sink
         await sink.write(self._header(GD_AT_END))
         await sink.write(_padded(self.descriptor).ljust(DESCRIPTOR_SECTORS * SECTOR, b"\0"))
         await sink.write_zeros(-sink.position % self.layout.grain_bytes)
-        grain_sectors = self.layout.grain_bytes // SECTOR
-        async for first, grains in batches:
-            for index, grain in enumerate(grains, first):
-                if grain is None:
+        async for first, records in batches:
+            for index, record in enumerate(records, first):
+                if record is None:
                     continue
                 while len(self.directory) < index // GTES_PER_GT:
                     await self._flush_table()
                 self.table[index % GTES_PER_GT] = sink.position // SECTOR
-                await sink.write(stream_grain_record(index * grain_sectors, grain))
+                for piece in record:
+                    await sink.write(piece)
         while len(self.directory) < self.layout.gt_count:
             await self._flush_table()
         gd_sector = sink.position // SECTOR + 1

@@ -17,8 +17,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-import aiohttp
-
 from ..errors import StorageError
 from .base import DEFAULT_READAHEAD, DEFAULT_WINDOW, Source
 
@@ -64,6 +62,8 @@ def network_failure(exc: BaseException) -> Transient | None:
 
     A certificate that does not verify is not transient: retrying cannot fix the trust store.
     """
+    import aiohttp  # loaded already by any remote source; kept off the local-only start path
+
     if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
         return None
     if isinstance(exc, asyncio.TimeoutError | TimeoutError):

@@ -33,9 +33,6 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import aiohttp
-from aiobotocore.config import AioConfig
-from aiobotocore.session import AioSession
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -48,7 +45,6 @@ from botocore.exceptions import (
 from ..errors import StorageError, UsageError
 from ..extents import Buffer
 from .base import DEFAULT_READAHEAD, DEFAULT_WINDOW, MiB, Placeholder, Sink, Source, check_sibling_name
-from .http import ca_bundle_path
 from .retry import RangedSource, Retrier, RetryPolicy, Transient, network_failure, status_failure
 
 T = TypeVar("T")
@@ -129,6 +125,8 @@ def content_md5(data: bytes | bytearray) -> str:
 
 def s3_failure(exc: BaseException, location: S3Location, action: str) -> Exception:
     """A :class:`Transient` to retry or a :class:`StorageError` naming the bucket, key and action."""
+    import aiohttp  # loaded with the client (aiobotocore); kept off the local-only start path
+
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
         code = str(error.get("Code", ""))
@@ -168,6 +166,8 @@ def s3_failure(exc: BaseException, location: S3Location, action: str) -> Excepti
 
 async def s3_call(location: S3Location, action: str, call: Callable[[], Awaitable[T]]) -> T:
     """One attempt at an S3 request, its failures sorted into retryable or not."""
+    import aiohttp
+
     try:
         return await call()
     except (ClientError, BotoCoreError, aiohttp.ClientError, OSError, TimeoutError) as exc:
@@ -176,6 +176,12 @@ async def s3_call(location: S3Location, action: str, call: Callable[[], Awaitabl
 
 async def s3_client(config: S3Config, stack: AsyncExitStack) -> Any:
     """An S3 client for ``config`` (the standard credential chain), closed with ``stack``."""
+    # aiobotocore (and aiohttp under it) take a quarter of a second to import: only when S3 is used.
+    from aiobotocore.config import AioConfig
+    from aiobotocore.session import AioSession
+
+    from .http import ca_bundle_path
+
     try:
         session = AioSession(profile=config.profile)
         botocore_config = AioConfig(
