@@ -39,7 +39,7 @@ from ..extents import Buffer, Extent, Kind, aligned, checked
 from ..fastio import is_zero, zero_grains
 from ..formats.base import ImageInfo, Reader
 from ..io.base import Sink, Source
-from ..pipeline import DEFAULT_DEPTH, Progress, Workers, ordered_map
+from ..pipeline import DEFAULT_DEPTH, Progress, Workers, ordered_map, prefetch
 from .layout import (
     GRAIN_SIZE,
     MANIFEST_NAME,
@@ -335,7 +335,8 @@ class SnapshotStore:
 
     async def snapshots(self) -> list[str]:
         """Ids of the complete snapshots (those whose manifest exists)."""
-        return sorted(key for key, name in _store_keys(await self.objects.scan()) if name == MANIFEST_NAME)
+        keys = _store_keys(await self.objects.scan())
+        return sorted(key.split("/")[0] for key, name in keys if name == MANIFEST_NAME)
 
     async def collect_garbage(self, keep: set[str]) -> list[str]:
         """Remove the objects of snapshots not in ``keep`` and the leftovers of interrupted writes.
@@ -419,7 +420,9 @@ class _SnapshotWriter:
     async def run(self, extents: AsyncIterator[Extent]) -> StoredSnapshot:
         workers = self.store.workers
         digest = hashlib.sha256() if self.virtual_size <= self.options.digest_max_size else None
-        stream = aligned(self._passable(checked(extents, self.virtual_size)), GRAIN_SIZE)
+        # the source runs in its own task, so a slow source read never stalls the packs, nor the reverse
+        source = prefetch(checked(extents, self.virtual_size), self.options.depth)
+        stream = aligned(self._passable(source), GRAIN_SIZE)
         hashing: deque[asyncio.Future[None]] = deque()
         with ThreadPoolExecutor(1, thread_name_prefix="vmied-digest") as hasher:  # in order, one thread
             loop = asyncio.get_running_loop()
@@ -458,7 +461,7 @@ class _SnapshotWriter:
                                                  extent.length)
             return Extent.of_data(extent.offset, b"".join(plain))
 
-        async for extent in ordered_map(materialise, extents):
+        async for extent in ordered_map(materialise, extents, self.options.depth):
             yield extent
 
     # packs
