@@ -14,6 +14,7 @@ from typing import Any
 
 from ..tasks import ids
 from ..tasks.db import ACTIVE, COMPLETED, DELETED, DELETING, Tag, Task, TokenMismatch
+from ..tasks.engine import NotCancellable
 from ..tasks.imports import FORMATS, IMPORT_IMAGE, IMPORT_SNAPSHOT, SNAPSHOT_FORMATS
 from ..tasks.service import Service, ServiceUnavailable
 from .operations import ApiError, RequestContext, match_filters, missing_parameter, operation, paginate
@@ -342,5 +343,8 @@ async def cancel_import_task(ctx: RequestContext, params: dict[str, Any]) -> dic
         raise ApiError("InvalidConversionTaskId.Malformed", f"The conversion task ID '{task_id}' does not exist")
     if task.state != ACTIVE:
         raise ApiError("IncorrectState", f"The import task {task_id} is {task.state} and cannot be cancelled")
-    previous = await service.cancel(task, params.get("CancelReason") or "")
+    try:
+        previous = await service.cancel(task, params.get("CancelReason") or "")
+    except NotCancellable as exc:
+        raise ApiError("IncorrectState", f"The import task {task_id} is {exc.state} and cannot be cancelled") from None
     return {"ImportTaskId": task_id, "PreviousState": previous, "State": DELETING}

@@ -44,6 +44,14 @@ MAX_RESTARTS = 3
 PROGRESS_INTERVAL = 1.0
 
 
+class NotCancellable(Exception):
+    """The task ended before the cancel reached it; ``state`` is how it ended."""
+
+    def __init__(self, state: str) -> None:
+        super().__init__(state)
+        self.state = state
+
+
 class TaskFailed(Exception):
     """A task cannot go on; ``message`` is the whole statusMessage (``ClientError: ...``)."""
 
@@ -249,10 +257,14 @@ class Engine:
             self.transition(context.task)
             await context.save()
             return previous
-        for queue in self.queues.values():
-            for queued in list(queue):
-                if queued.id == task.id:
-                    queue.remove(queued)
+        queued = [(queue, item) for queue in self.queues.values() for item in queue if item.id == task.id]
+        if not queued:  # neither running nor queued: it ended meanwhile, or this is a stale copy
+            stored = await self.service.catalog.get_task(task.id)
+            state = stored.state if stored is not None else DELETED
+            if state != ACTIVE or task.id in self.running:
+                raise NotCancellable(state)
+        for queue, item in queued:
+            queue.remove(item)
         await self._end_deleted(TaskContext(self.service, task), message)
         return previous
 
