@@ -75,5 +75,10 @@ def inflate_grains(grains: Sequence[bytes], grain_size: int, length: int) -> lis
     return out
 
 
+def inflate_extent(grains: Sequence[bytes], grain_size: int, length: int) -> bytes:
+    """Worker job: the grains of a DEFLATED extent inflated into one buffer (joined off the loop)."""
+    return b"".join(inflate_grains(grains, grain_size, length))
+
+
 def deflate_batch(grains: list[memoryview], level: int = DEFAULT_LEVEL) -> list[bytes]:
     return [deflate(grain, level) for grain in grains]

@@ -115,13 +115,13 @@ async def inflated(extents: AsyncIterator[Extent], workers: Workers, keep_grain:
     Extents deflated in grains of ``keep_grain`` bytes pass through untouched, for writers that
     share that encoding (stream-optimized VMDK, the snapshot store).
     """
-    from ..codec import inflate_grains
+    from ..codec import inflate_extent
 
     async def materialise(extent: Extent) -> Extent:
         if extent.kind is not Kind.DEFLATED or extent.grain_size == keep_grain:
             return extent
-        parts = await workers.run(inflate_grains, extent.grains, extent.grain_size, extent.length)
-        return Extent.of_data(extent.offset, b"".join(parts))
+        data = await workers.run(inflate_extent, extent.grains, extent.grain_size, extent.length)
+        return Extent.of_data(extent.offset, data)
 
     async for extent in ordered_map(materialise, extents):
         yield extent
