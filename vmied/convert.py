@@ -47,8 +47,15 @@ async def convert(
         reader = await open_reader(source, workers, input_format)
         writer = writer_class(output_format)(sink, reader.virtual_size, options or {}, workers)
         progress.virtual_size = reader.virtual_size
-        stream = tracked(prefetch(checked(reader.extents(), reader.virtual_size)), progress)
-        await writer.write(stream)
+        fetched = prefetch(checked(reader.extents(), reader.virtual_size))
+        stream = tracked(fetched, progress)
+        try:
+            await writer.write(stream)
+        finally:
+            # A writer that stops early must not leave the reader's task running: close the
+            # stream outside in (an async for does not close what it iterates).
+            await stream.aclose()
+            await fetched.aclose()
         await sink.commit()
     except BaseException:
         await sink.abort()
