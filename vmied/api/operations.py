@@ -213,7 +213,7 @@ def _compile_filter(spec: Mapping[str, Any], getters: Getters) -> Callable[[Any]
         raise ApiError("FilterLimitExceeded",
                        f"The filter '{name}' has {len(values)} values; the limit is {MAX_FILTER_VALUES}")
     patterns = [_filter_pattern(value) for value in values]
-    if name.startswith("tag:") and "tag:" in getters:
+    if name.startswith("tag:") and name != "tag:" and "tag:" in getters:
         tag_key, tags_of = name[len("tag:"):], getters["tag:"]
         return lambda item: _any_value_matches(_tag_value(tags_of(item), tag_key), patterns)
     getter = getters.get(name)
