@@ -29,9 +29,9 @@ from tests.s3server import (  # noqa: F401  (fixtures)
     seaweed_server,
 )
 from vmied import codec
-from vmied.errors import Cancelled, CorruptImage, UsageError
+from vmied.config import Config, load_config
+from vmied.errors import Cancelled, CorruptImage, StorageError, UsageError
 from vmied.extents import Extent, Kind
-from vmied.formats import writer_class
 from vmied.io.local import FileSink
 from vmied.io.s3 import MIN_PART, S3Sink
 from vmied.pipeline import Progress, Workers
@@ -326,12 +326,10 @@ async def test_store_to_image_to_qemu_raw_equals_input(local: Backend, workers: 
         return real_deflate(data, level)
 
     monkeypatch.setattr(codec, "deflate", counting_deflate)
-    reader = await store.open("snap-x")
     image = tmp_path / f"out.{output_format}"
-    sink = await FileSink.create(str(image))
-    writer = writer_class(output_format)(sink, reader.virtual_size, {}, workers)
-    await writer.write(reader.extents())
-    await sink.commit()
+    progress = Progress()
+    written = await store.export("snap-x", await FileSink.create(str(image)), output_format, progress=progress)
+    assert written == image.stat().st_size and progress.position == size
     if output_format == "vmdk":
         assert deflates == 0  # stream-optimized VMDK: the stored grains pass through
     qemu_img("convert", "-O", "raw", image, tmp_path / "back.raw")
@@ -613,23 +611,31 @@ async def test_garbage_collection_keeps_a_snapshot_being_written(local: Backend,
 
 # --- configuration and a second S3 implementation -------------------------------------------------
 
+def config_file(tmp_path: Path, store: str) -> Config:
+    path = tmp_path / "vmied.toml"
+    path.write_text(f'[state]\ndirectory = "{tmp_path / "state"}"\n[store]\n{store}')
+    return load_config(str(path))
+
+
 async def test_open_store_from_configuration(tmp_path: Path, moto: S3Server, workers: Workers) -> None:
-    local_config = SimpleNamespace(store=SimpleNamespace(kind="local", path="", pack_size=MiB),
-                                   state=SimpleNamespace(directory=str(tmp_path)))
-    store = await open_store(local_config, workers)
+    store = await open_store(config_file(tmp_path, 'kind = "local"\n'), workers)
     await store.write("c1", stream([Extent.of_data(0, b"x" * 1000)]), 1000)
-    assert (tmp_path / "store" / "c1" / "manifest").exists()
+    assert (tmp_path / "state" / "store" / "c1" / "manifest").exists()
     await store.close()
-    s3_section = SimpleNamespace(kind="s3", path="", bucket=BUCKET, prefix="cfg", endpoint_url=moto.endpoint,
-                                 region="us-east-1", profile="moto")
-    store = await open_store(SimpleNamespace(store=s3_section, state=local_config.state), workers)
+    s3_section = (f'kind = "s3"\nbucket = "{BUCKET}"\nprefix = "cfg"\nendpoint_url = "{moto.endpoint}"\n'
+                  'region = "us-east-1"\nprofile = "moto"\npath_style = true\n')
+    store = await open_store(config_file(tmp_path, s3_section), workers)
     await store.write("c1", stream([Extent.of_data(0, b"y" * 1000)]), 1000)
     assert await store.read("c1", 0, 1000) == b"y" * 1000
     assert "cfg/c1/manifest" in moto.objects()
     await store.close()
-    missing = SimpleNamespace(**{**vars(s3_section), "bucket": "no-such-bucket"})
-    with pytest.raises(Exception, match="no-such-bucket"):
-        await open_store(SimpleNamespace(store=missing, state=local_config.state), workers)
+    with pytest.raises(StorageError, match="no-such-bucket"):
+        await open_store(config_file(tmp_path, s3_section.replace(BUCKET, "no-such-bucket")), workers)
+    bare = SimpleNamespace(store=SimpleNamespace(kind="local", path=str(tmp_path / "bare"), pack_size=MiB),
+                           state=SimpleNamespace(directory=str(tmp_path)))
+    store = await open_store(bare, workers)  # only the attributes the contract names
+    assert store.options.pack_size == MiB
+    await store.close()
 
 
 async def test_round_trip_on_seaweedfs(seaweed: S3Server, tmp_path: Path, workers: Workers) -> None:
@@ -646,6 +652,34 @@ async def test_round_trip_on_seaweedfs(seaweed: S3Server, tmp_path: Path, worker
     await store.delete("snap-w")
     assert backend.listing() == []
     await store.close()
+
+
+async def test_export_failure_leaves_no_output(local: Backend, workers: Workers, tmp_path: Path) -> None:
+    store, _ = await write_sample(local, workers)
+    pack = local.read_object("snap-c/pack-00000001")
+    local.write_object("snap-c/pack-00000001", flip(pack, 10))
+    fresh = await local.store(workers)
+    with pytest.raises(CorruptSnapshot):
+        await fresh.export("snap-c", await FileSink.create(str(tmp_path / "out.vmdk")), "vmdk")
+    assert list(tmp_path.glob("*out.vmdk*")) == []
+    await fresh.close()
+    await store.close()
+
+
+async def test_rewriting_an_interrupted_snapshot_starts_clean(local: Backend, workers: Workers) -> None:
+    """A task resumed after a crash writes its snapshot again: the old attempt's packs go first."""
+    local.write_object("again/pack-00000007", b"stale")
+    store = await local.store(workers)
+    await store.write("again", stream([Extent.of_data(0, b"z" * 5000)]), 5000)
+    assert local.listing() == ["again/manifest", "again/pack-00000000"]
+    await store.close()
+
+
+def test_digest_jobs_cut_long_zero_runs() -> None:
+    digest = store_module._Digest(2)
+    jobs = digest._jobs([b"ab", 600 * MiB, b"c", 5])
+    assert jobs == [[b"ab"], [256 * MiB], [256 * MiB], [88 * MiB], [b"c", 5]]
+    digest.close()
 
 
 def test_structures_have_their_documented_sizes() -> None:

@@ -26,6 +26,18 @@ def store_options(store_config: Any) -> StoreOptions:
     return StoreOptions(**{name: getattr(store_config, name, getattr(defaults, name)) for name in names})
 
 
+def store_s3_config(config: Any) -> S3Config:
+    """S3 access to the store's bucket: ``Config.store_s3_config()``, or built from ``config.store``."""
+    if hasattr(config, "store_s3_config"):
+        s3: S3Config = config.store_s3_config()
+        return s3
+    section = config.store
+    endpoint = section.endpoint_url or None
+    return S3Config(profile=section.profile or None, region=section.region or None, endpoint_url=endpoint,
+                    path_style=getattr(section, "path_style", bool(endpoint)),
+                    ca_bundle=getattr(section, "ca_bundle", "") or None)
+
+
 async def open_store(config: Any, workers: Workers) -> SnapshotStore:
     """The store ``config.store`` describes (``kind`` local: ``path``; s3: ``bucket``, ``prefix``, ...)."""
     section = config.store
@@ -37,13 +49,7 @@ async def open_store(config: Any, workers: Workers) -> SnapshotStore:
     elif kind == "s3":
         if not section.bucket:
             raise UsageError("store.kind is s3 but store.bucket is empty")
-        s3 = config.s3_config() if hasattr(config, "s3_config") else S3Config()
-        endpoint = section.endpoint_url or None
-        objects = await S3Objects.open(
-            S3Config(profile=section.profile or None, region=section.region or s3.region, endpoint_url=endpoint,
-                     path_style=getattr(section, "path_style", s3.path_style or bool(endpoint)),
-                     ca_bundle=getattr(section, "ca_bundle", None) or s3.ca_bundle, retry=s3.retry),
-            section.bucket, section.prefix)
+        objects = await S3Objects.open(store_s3_config(config), section.bucket, section.prefix)
     else:
         raise UsageError(f"store.kind {kind!r}: choose local or s3")
     return SnapshotStore(objects, workers, store_options(section))

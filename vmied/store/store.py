@@ -28,10 +28,10 @@ import hashlib
 import logging
 from bisect import bisect_left
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from .. import codec
 from ..errors import StorageError, UsageError
@@ -172,22 +172,69 @@ def _passable(extent: Extent, virtual_size: int) -> bool:
             and (extent.length % GRAIN_SIZE == 0 or extent.end == virtual_size))
 
 
-def _hash(digest: Any, pieces: list[Buffer | int]) -> None:
-    """Thread job: feed the plain bytes of one batch, zeros by the megabyte."""
+class _Digest:
+    """SHA-256 of the virtual disk, fed in order on one thread of its own, ``depth`` jobs queued at most.
+
+    Zero runs are hashed by the megabyte in jobs of at most ZERO_JOB bytes, so no single job runs
+    long, and closing never waits on the event loop for a job to finish.
+    """
+
+    ZERO_JOB = 256 * MiB
+
+    def __init__(self, depth: int) -> None:
+        self._sha = hashlib.sha256()
+        self._depth = depth
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="vmied-digest")
+        self._queued: deque[asyncio.Future[None]] = deque()
+
+    async def feed(self, pieces: list[Buffer | int]) -> None:
+        loop = asyncio.get_running_loop()
+        for job in self._jobs(pieces):
+            self._queued.append(loop.run_in_executor(self._thread, _hash, self._sha, job))
+            if len(self._queued) > self._depth:
+                await self._queued.popleft()
+
+    def _jobs(self, pieces: list[Buffer | int]) -> list[list[Buffer | int]]:
+        jobs: list[list[Buffer | int]] = [[]]
+        for piece in pieces:
+            if isinstance(piece, int) and piece > self.ZERO_JOB:
+                jobs += [[min(self.ZERO_JOB, piece - at)] for at in range(0, piece, self.ZERO_JOB)]
+                jobs.append([])
+            else:
+                jobs[-1].append(piece)
+        return [job for job in jobs if job]
+
+    async def hexdigest(self) -> str:
+        while self._queued:
+            await self._queued.popleft()
+        return self._sha.hexdigest()
+
+    def close(self) -> None:
+        for future in self._queued:
+            future.cancel()
+        self._thread.shutdown(wait=False, cancel_futures=True)
+
+
+def _hash(sha: Any, pieces: list[Buffer | int]) -> None:
+    """Thread job: feed plain bytes, zeros by the megabyte."""
     zeros = bytes(MiB)
     for piece in pieces:
         if isinstance(piece, int):
             full, rest = divmod(piece, MiB)
             for _ in range(full):
-                digest.update(zeros)
-            digest.update(zeros[:rest])
+                sha.update(zeros)
+            sha.update(zeros[:rest])
         else:
-            digest.update(piece)
+            sha.update(piece)
 
 
-def inflate_into(out: bytearray, at: int, stream: bytes, skip: int, take: int) -> None:
-    """Worker job: inflate one grain and copy ``take`` bytes of it from ``skip`` into ``out[at:]``."""
-    out[at : at + take] = memoryview(codec.inflate(stream, GRAIN_SIZE))[skip : skip + take]
+def inflate_run(out: bytearray, offset: int, grains: list[int], streams: list[bytes]) -> None:
+    """Worker job: inflate grains and copy what of each lies in ``out`` (which starts at virtual ``offset``)."""
+    end = offset + len(out)
+    for grain, stream in zip(grains, streams, strict=True):
+        start = grain * GRAIN_SIZE
+        lo, hi = max(start, offset), min(start + GRAIN_SIZE, end)
+        out[lo - offset : hi - offset] = memoryview(codec.inflate(stream, GRAIN_SIZE))[lo - start : hi - start]
 
 
 # --- the store ------------------------------------------------------------------------------------
@@ -214,9 +261,7 @@ class SnapshotStore:
             raise StorageError(f"snapshot {snapshot_id} is being written already", reason="store.busy")
         self._writing.add(snapshot_id)
         try:
-            if await self._exists(snapshot_id):
-                raise StorageError(f"snapshot {snapshot_id} exists already (stored snapshots are immutable)",
-                                   reason="store.exists")
+            await self._clear_leftovers(snapshot_id)
             writer = _SnapshotWriter(self, snapshot_id, virtual_size, progress or Progress(virtual_size))
             try:
                 return await writer.run(extents)
@@ -226,8 +271,15 @@ class SnapshotStore:
         finally:
             self._writing.discard(snapshot_id)
 
-    async def _exists(self, snapshot_id: str) -> bool:
-        return any(info.key == f"{snapshot_id}/{MANIFEST_NAME}" for info in await self.objects.scan(f"{snapshot_id}/"))
+    async def _clear_leftovers(self, snapshot_id: str) -> None:
+        """Refuse an existing snapshot; remove what an interrupted earlier write of this id left."""
+        infos = await self.objects.scan(f"{snapshot_id}/")
+        if any(info.key == f"{snapshot_id}/{MANIFEST_NAME}" for info in infos):
+            raise StorageError(f"snapshot {snapshot_id} exists already (stored snapshots are immutable)",
+                               reason="store.exists")
+        if infos:
+            log.info("snapshot %s: removing %d objects of an interrupted write", snapshot_id, len(infos))
+            await self._remove_all(snapshot_id)
 
     # reading
 
@@ -297,17 +349,43 @@ class SnapshotStore:
             if first > last:
                 continue
             streams = await self.grains(manifest, number, index, first, last)
-            for entry, stream in zip(range(first, last + 1), streams, strict=True):
-                start = index.grains[entry] * GRAIN_SIZE
-                skip = max(0, offset - start)
-                take = min(start + GRAIN_SIZE, offset + length) - start - skip
-                jobs.append(self.workers.run(inflate_into, out, start + skip - offset, stream, skip, take))
+            jobs.append(self.workers.run(inflate_run, out, offset, list(index.grains[first : last + 1]), streams))
         await asyncio.gather(*jobs)
         return bytes(out)
 
     async def open(self, snapshot_id: str) -> StoreReader:
         """A reader of the stored disk: ZERO and DEFLATED (64 KiB grain) extents in offset order."""
         return StoreReader(self, await self.manifest(snapshot_id))
+
+    async def export(self, snapshot_id: str, sink: Sink, output_format: str, *,
+                     options: Mapping[str, str] | None = None, progress: Progress | None = None) -> int:
+        """Write the snapshot as an image (any vmied output format) into ``sink``, as vmied.convert does.
+
+        The sink is committed on success and aborted otherwise; returns the bytes written. A VMDK
+        stream passes the stored grains through; other formats inflate them in the worker pool.
+        """
+        from ..convert import tracked
+        from ..formats import writer_class
+
+        progress = progress or Progress()
+        try:
+            reader = await self.open(snapshot_id)
+            writer = writer_class(output_format)(sink, reader.virtual_size, options or {}, self.workers)
+            progress.virtual_size = reader.virtual_size
+            fetched = cast(AsyncGenerator[Extent, None], prefetch(checked(reader.extents(), reader.virtual_size)))
+            stream = cast(AsyncGenerator[Extent, None], tracked(fetched, progress))
+            try:
+                await writer.write(stream)
+            finally:  # a writer that stops early must not leave the read-ahead task running
+                await stream.aclose()
+                await fetched.aclose()
+            await sink.commit()
+        except BaseException:
+            await sink.abort()
+            raise
+        progress.bytes_read = reader.bytes_read
+        progress.bytes_written = sink.position
+        return sink.position
 
     # removing
 
@@ -419,32 +497,25 @@ class _SnapshotWriter:
 
     async def run(self, extents: AsyncIterator[Extent]) -> StoredSnapshot:
         workers = self.store.workers
-        digest = hashlib.sha256() if self.virtual_size <= self.options.digest_max_size else None
+        digest = _Digest(self.options.depth) if self.virtual_size <= self.options.digest_max_size else None
         # the source runs in its own task, so a slow source read never stalls the packs, nor the reverse
         source = prefetch(checked(extents, self.virtual_size), self.options.depth)
         stream = aligned(self._passable(source), GRAIN_SIZE)
-        hashing: deque[asyncio.Future[None]] = deque()
-        with ThreadPoolExecutor(1, thread_name_prefix="vmied-digest") as hasher:  # in order, one thread
-            loop = asyncio.get_running_loop()
-            try:
-                async for encoded in ordered_map(lambda batch: workers.run(encode_batch, batch, self.virtual_size),
-                                                 _batches(stream), self.options.depth):
-                    if digest is not None:
-                        hashing.append(loop.run_in_executor(hasher, _hash, digest, encoded.plain))
-                        if len(hashing) > self.options.depth:
-                            await hashing.popleft()
-                    for grain, stream_bytes, crc in encoded.grains:
-                        await self._add(grain, stream_bytes, crc)
-                    self.progress.advance(encoded.end)
-                while hashing:
-                    await hashing.popleft()
-            finally:
-                for future in hashing:
-                    future.cancel()
+        try:
+            async for encoded in ordered_map(lambda batch: workers.run(encode_batch, batch, self.virtual_size),
+                                             _batches(stream), self.options.depth):
+                if digest is not None:
+                    await digest.feed(encoded.plain)
+                for grain, stream_bytes, crc in encoded.grains:
+                    await self._add(grain, stream_bytes, crc)
+                self.progress.advance(encoded.end)
+            sha256 = await digest.hexdigest() if digest is not None else None
+        finally:
+            if digest is not None:
+                digest.close()
         await self._seal()
         await self._drain()
         self.progress.check()
-        sha256 = digest.hexdigest() if digest is not None else None
         manifest = encode_manifest(self.snapshot_id, self.virtual_size, self.packs, sha256)
         await self.store.objects.put(f"{self.snapshot_id}/{MANIFEST_NAME}", manifest)
         self.progress.bytes_written += len(manifest)
