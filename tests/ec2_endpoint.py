@@ -68,10 +68,10 @@ _BOTOCORE = botocore.session.get_session()
 
 
 def boto3_client(server: TestServer, *, access_key: str = ACCESS_KEY, secret_key: str = SECRET_KEY,
-                 session_token: str | None = None, region: str = REGION, **config: Any) -> Any:
+                 session_token: str | None = None, region: str = REGION, path: str = "", **config: Any) -> Any:
     """A real boto3 EC2 client for the server: one attempt (no retries hide a wrong status)."""
     return boto3.session.Session(botocore_session=_BOTOCORE).client(
-        "ec2", endpoint_url=endpoint_url(server), region_name=region, aws_access_key_id=access_key,
+        "ec2", endpoint_url=endpoint_url(server) + path, region_name=region, aws_access_key_id=access_key,
         aws_secret_access_key=secret_key, aws_session_token=session_token,
         config=BotoConfig(retries={"max_attempts": 1, "mode": "standard"}, **config))
 

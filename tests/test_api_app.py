@@ -29,14 +29,15 @@ from tests.ec2_endpoint import (
 )
 from vmied import api, metrics
 from vmied.api import wire
-from vmied.api.app import MAX_BODY_BYTES
+from vmied.api.app import MAX_BODY_BYTES, reconfigure_ec2_app
 from vmied.api.operations import (
     ApiError,
     RequestContext,
     match_filters,
     paginate,
 )
-from vmied.errors import CorruptImage
+from vmied.config import Credential
+from vmied.errors import CorruptImage, UsageError
 
 
 async def signed_post(server: Any, body: bytes, method: str = "POST") -> tuple[int, dict[str, Any], dict[str, str]]:
@@ -287,3 +288,32 @@ def test_match_filters_semantics() -> None:
 def test_wire_keeps_the_filter_values_in_order() -> None:
     pairs = wire.parse_form("Filter.1.Name=state&Filter.1.Value.2=b&Filter.1.Value.1=a")
     assert wire.decode_request("DescribeImages", pairs) == {"Filters": [{"Name": "state", "Values": ["a", "b"]}]}
+
+
+async def test_endpoint_url_with_a_path_is_served_and_signed_over_that_path() -> None:
+    handler = echo_handler({"Images": []})
+    async with ec2_server(make_config(), {"DescribeImages": handler}) as server:
+        await call(boto3_client(server, path="/vmie"), "describe_images")
+    assert len(handler.calls) == 1
+
+
+async def test_reconfigure_swaps_credentials_for_the_next_request() -> None:
+    handler = echo_handler({"Images": []})
+    new_key = Credential(access_key_id="AKIDROTATED", secret_access_key="rotated-secret",
+                         policy={"Statement": [{"Effect": "Deny", "Action": "ec2:*", "Resource": "*"}]})
+    async with ec2_server(make_config(), {"DescribeImages": handler}) as server:
+        await call(boto3_client(server), "describe_images")
+        reconfigure_ec2_app(server.app, make_config(new_key))
+        with pytest.raises(ClientError) as caught:
+            await call(boto3_client(server), "describe_images")
+        assert caught.value.response["Error"]["Code"] == "AuthFailure"
+        with pytest.raises(ClientError) as caught:
+            await call(boto3_client(server, access_key="AKIDROTATED", secret_key="rotated-secret"), "describe_images")
+        assert caught.value.response["Error"]["Code"] == "UnauthorizedOperation"
+        with pytest.raises(UsageError):
+            reconfigure_ec2_app(server.app, make_config(Credential(
+                access_key_id="AKIDBAD", secret_access_key="s", policy={"Statement": [{"Effect": "Maybe"}]})))
+        with pytest.raises(ClientError) as caught:  # the refused configuration changed nothing
+            await call(boto3_client(server, access_key="AKIDBAD", secret_key="s"), "describe_images")
+        assert caught.value.response["Error"]["Code"] == "AuthFailure"
+    assert len(handler.calls) == 1

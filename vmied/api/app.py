@@ -54,36 +54,57 @@ def make_ec2_app(config: Config, service: Any, *, clock: Clock = time.time,
     ``operations`` defaults to the registry the handler modules fill (imported here); ``clock``
     (seconds since the epoch) is what SigV4 dates are checked against; ``status_page`` answers a
     plain ``GET /`` (no query string, no Authorization header) so the status page can share the path.
+    Any path is accepted (the CLI signs the path of its ``--endpoint-url``, e.g. ``/vmie``); routes the
+    daemon serves itself (``/metrics``...) are its middleware's business, before this handler.
     Raises UsageError if an access key's policy cannot be evaluated.
     """
-    for index, credential in enumerate(config.credentials):
-        try:
-            policy.validate_policy(credential.policy)
-        except policy.PolicyError as exc:
-            raise UsageError(f"credentials[{index}] ({credential.access_key_id}): policy: {exc}") from None
+    check_policies(config)
     if operations is None:
         load_handlers()
         operations = OPERATIONS
     endpoint = _Endpoint(config, service, clock, operations, status_page)
     app = web.Application(client_max_size=MAX_BODY_BYTES)
-    app.router.add_route("POST", "/", endpoint.handle)
-    app.router.add_route("GET", "/", endpoint.handle)
+    app[EC2_ENDPOINT] = endpoint
+    for method in ("POST", "GET"):
+        app.router.add_route(method, "/{path:.*}", endpoint.handle)
     return app
+
+
+def reconfigure_ec2_app(app: web.Application, config: Config) -> None:
+    """Use ``config``'s credentials, policies, region and clock skew from the next request on (SIGHUP).
+
+    Raises UsageError, changing nothing, if a policy cannot be evaluated.
+    """
+    check_policies(config)
+    app[EC2_ENDPOINT].configure(config)
+
+
+def check_policies(config: Config) -> None:
+    """Raise UsageError naming the access key whose policy vmied cannot evaluate."""
+    for index, credential in enumerate(config.credentials):
+        try:
+            policy.validate_policy(credential.policy)
+        except policy.PolicyError as exc:
+            raise UsageError(f"credentials[{index}] ({credential.access_key_id}): policy: {exc}") from None
 
 
 class _Endpoint:
     def __init__(self, config: Config, service: Any, clock: Clock, operations: Mapping[str, Handler],
                  status_page: StatusPage | None) -> None:
-        self._config = config
         self._service = service
         self._operations = operations
         self._status_page = status_page
+        self._clock = clock
+        self.configure(config)
+
+    def configure(self, config: Config) -> None:
+        self._config = config
         self._verifier = SigV4Verifier(config.credentials, config.server.region,
-                                       config.server.max_clock_skew, clock)
+                                       config.server.max_clock_skew, self._clock)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        if (self._status_page is not None and request.method == "GET" and not request.query_string
-                and "Authorization" not in request.headers):
+        if (self._status_page is not None and request.method == "GET" and request.path == "/"
+                and not request.query_string and "Authorization" not in request.headers):
             return await self._status_page(request)
         request_id = str(uuid.uuid4())
         started = time.monotonic()
@@ -147,6 +168,10 @@ class _Endpoint:
             "access_key_id": outcome.access_key_id, "duration_ms": round(elapsed * 1000, 3),
             "remote": request.remote or "", "method": request.method,
         })
+
+
+#: The app's endpoint object (what ``reconfigure_ec2_app`` updates).
+EC2_ENDPOINT = web.AppKey("vmied.ec2_endpoint", _Endpoint)
 
 
 async def _read_body(request: web.Request) -> bytes:
