@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import http.server
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -97,6 +100,59 @@ def upload(s3: S3Server, path: Path, key: str, bucket: str = BUCKET) -> str:
 
 def read_disk(path: Path) -> bytes:
     return path.read_bytes()
+
+
+class HeldServer:
+    """An HTTP server on 127.0.0.1 that serves one file by byte ranges once ``release()`` is called.
+
+    Until then every request waits: a task reading from it stays in its validating phase, which
+    lets a test cancel (or kill the daemon during) an import deterministically.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.data = path.read_bytes()
+        self.released = threading.Event()
+        self.requests = 0
+        held = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                return None
+
+            def do_GET(self) -> None:
+                held.requests += 1
+                if not held.released.wait(60):
+                    self.send_error(503)
+                    return
+                first, last = 0, len(held.data) - 1
+                match = re.match(r"bytes=(\d+)-(\d+)", self.headers.get("Range", ""))
+                if match:
+                    first, last = int(match.group(1)), min(int(match.group(2)), len(held.data) - 1)
+                body = held.data[first:last + 1]
+                self.send_response(206 if match else 200)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("ETag", '"held"')
+                if match:
+                    self.send_header("Content-Range", f"bytes {first}-{last}/{len(held.data)}")
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/disk.vmdk"
+
+    def release(self) -> None:
+        self.released.set()
+
+    def close(self) -> None:
+        self.released.set()
+        self.server.shutdown()
+        self.server.server_close()
 
 
 # --- in-process service configuration --------------------------------------------------------------

@@ -263,9 +263,11 @@ def snapshot_task_output(task: Task, tags: list[Tag]) -> dict[str, Any]:
     params = task.params
     container = params["DiskContainers"][0]
     disks = task.result.get("disks") or []
-    detail: dict[str, Any] = {"Description": container.get("Description", params.get("Description", "")),
-                              "DiskImageSize": disks[0]["disk_image_size"] if disks else 0.0,
+    detail: dict[str, Any] = {"DiskImageSize": disks[0]["disk_image_size"] if disks else 0.0,
                               "Encrypted": bool(params.get("Encrypted")), **source_fields(container)}
+    description = container.get("Description") or params.get("Description")
+    if description:
+        detail["Description"] = description
     fmt = disks[0]["format"] if disks else container.get("Format")
     if fmt:
         detail["Format"] = fmt

@@ -12,6 +12,7 @@ only then are interrupted tasks resumed, so a resumed task never meets its own h
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
 from collections.abc import Iterable
@@ -94,10 +95,12 @@ class Service:
         task.progress = KINDS[task.kind].pending_progress
         task.phase = "pending"
         stored, created = await self.catalog.create_task(task, tags)
-        if created:
-            self.engine.transition(stored)
-            self.engine.enqueue(stored)
-        return self.fresh(stored), created
+        if not created:
+            return self.fresh(stored), False
+        answer = copy.deepcopy(stored)  # the new task as accepted (pending), whatever the runner does next
+        self.engine.transition(stored)
+        self.engine.enqueue(stored)
+        return answer, True
 
     def fresh(self, task: Task) -> Task:
         return self.engine.live(task.id) or task
