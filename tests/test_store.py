@@ -34,6 +34,7 @@ from vmied.errors import Cancelled, CorruptImage, StorageError, UsageError
 from vmied.extents import Extent, Kind
 from vmied.io.local import FileSink
 from vmied.io.s3 import MIN_PART, S3Sink
+from vmied.metrics import REGISTRY
 from vmied.pipeline import Progress, Workers
 from vmied.store import (
     CorruptSnapshot,
@@ -583,6 +584,12 @@ async def test_collect_garbage(backend: Backend, workers: Workers) -> None:
         ["keep-me/manifest", *(f"keep-me/pack-{n:08d}" for n in range(manifest.pack_count))])
     assert await read_back(store, "keep-me") == disk
     assert await store.snapshots() == ["keep-me"]
+    stat = await store.stat("keep-me")
+    assert REGISTRY.get_sample_value("vmied_store_bytes") == stat.stored_bytes
+    assert REGISTRY.get_sample_value("vmied_store_grains") == stat.data_grains == nonzero_grains(disk)
+    assert stat.stored_bytes == sum(len(backend.read_object(key)) for key in left if key.startswith("keep-me/"))
+    await store.delete("keep-me")
+    assert REGISTRY.get_sample_value("vmied_store_bytes") == 0
     await store.close()
 
 

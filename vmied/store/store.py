@@ -39,6 +39,7 @@ from ..extents import Buffer, Extent, Kind, aligned, checked
 from ..fastio import is_zero, zero_grains
 from ..formats.base import ImageInfo, Reader
 from ..io.base import Sink, Source
+from ..metrics import STORE_BYTES, STORE_GRAINS
 from ..pipeline import DEFAULT_DEPTH, Progress, Workers, ordered_map, prefetch
 from .layout import (
     GRAIN_SIZE,
@@ -264,10 +265,13 @@ class SnapshotStore:
             await self._clear_leftovers(snapshot_id)
             writer = _SnapshotWriter(self, snapshot_id, virtual_size, progress or Progress(virtual_size))
             try:
-                return await writer.run(extents)
+                stored = await writer.run(extents)
             except BaseException:
                 await asyncio.shield(asyncio.ensure_future(writer.abort()))
                 raise
+            STORE_BYTES.inc(stored.stored_bytes)
+            STORE_GRAINS.inc(stored.data_grains)
+            return stored
         finally:
             self._writing.discard(snapshot_id)
 
@@ -394,8 +398,15 @@ class SnapshotStore:
         check_snapshot_id(snapshot_id)
         if snapshot_id in self._writing:
             raise StorageError(f"snapshot {snapshot_id} is being written", reason="store.busy")
+        try:
+            held = await self.manifest(snapshot_id)
+        except (CorruptSnapshot, SnapshotNotFound):
+            held = None
         self._forget(snapshot_id)
         await self.objects.delete(f"{snapshot_id}/{MANIFEST_NAME}")
+        if held is not None:
+            STORE_BYTES.dec(held.stored_bytes)
+            STORE_GRAINS.dec(held.data_grains)
         await self._remove_all(snapshot_id)
 
     async def _remove_all(self, snapshot_id: str) -> list[str]:
@@ -426,10 +437,14 @@ class SnapshotStore:
         being written by this store are left alone. Returns the keys removed.
         """
         by_snapshot: dict[str, list[str]] = {}
-        for key, _ in _store_keys(await self.objects.scan()):
-            by_snapshot.setdefault(key.split("/")[0], []).append(key)
+        sizes: dict[str, int] = {}
+        for info in await self.objects.scan():
+            if _store_key(info.key) is not None:
+                by_snapshot.setdefault(info.key.split("/")[0], []).append(info.key)
+                sizes[info.key] = info.size
         removed = await self.objects.abort_uploads(
             "", lambda key: key.split("/")[0] in self._writing or _store_key(key) is None)
+        held_bytes = held_grains = 0
         for snapshot_id, keys in sorted(by_snapshot.items()):
             if snapshot_id in self._writing:
                 continue
@@ -440,6 +455,11 @@ class SnapshotStore:
                     removed.append(key)
             if not wanted:
                 self._forget(snapshot_id)
+            held_bytes += sum(sizes[key] for key in wanted)
+            cached = self._manifests.get(snapshot_id)
+            held_grains += cached.data_grains if cached is not None and wanted else 0
+        STORE_BYTES.set(held_bytes)  # the store as it stands after the collection
+        STORE_GRAINS.set(held_grains)
         if removed:
             log.info("snapshot store: collected %d objects", len(removed))
         return removed
