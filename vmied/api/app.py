@@ -44,6 +44,7 @@ class _Outcome:
     action: str = "unknown"
     code: str = "OK"
     access_key_id: str = ""
+    failure: Exception | None = None
 
 
 def make_ec2_app(config: Config, service: Any, *, clock: Clock = time.time,
@@ -115,10 +116,9 @@ class _Endpoint:
         except ApiError as error:
             outcome.code, status = error.code, error.status
             body = wire.encode_error(error.code, error.message, request_id)
-        except Exception:
-            # A bug, not a refusal: logged with its traceback, never shown to the client.
-            log.exception("EC2 request %s (%s) failed", request_id, outcome.action,
-                          extra={"request_id": request_id, "action": outcome.action})
+        except Exception as failure:
+            # A bug, not a refusal: its traceback goes into the request's log line, never to the client.
+            outcome.failure = failure
             outcome.code, status = "InternalError", 500
             body = wire.encode_error("InternalError", INTERNAL_ERROR_MESSAGE, request_id)
         elapsed = time.monotonic() - started
@@ -163,7 +163,9 @@ class _Endpoint:
         action_label = metrics.bounded(outcome.action, OPERATION_NAMES)
         metrics.API_REQUESTS.labels(action=action_label, code=outcome.code).inc()
         metrics.API_LATENCY.labels(action=action_label).observe(elapsed)
-        log.info("%s %s %d %.1fms", outcome.action, outcome.code, status, elapsed * 1000, extra={
+        level = logging.ERROR if outcome.failure is not None else logging.INFO
+        log.log(level, "%s %s %d %.1fms", outcome.action, outcome.code, status, elapsed * 1000,
+                exc_info=outcome.failure, extra={
             "request_id": request_id, "action": outcome.action, "code": outcome.code, "status": status,
             "access_key_id": outcome.access_key_id, "duration_ms": round(elapsed * 1000, 3),
             "remote": request.remote or "", "method": request.method,
