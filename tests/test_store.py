@@ -384,6 +384,11 @@ async def test_damaged_or_truncated_pack_index_is_a_named_error(local: Backend, 
         with pytest.raises(CorruptSnapshot):
             await read_back(fresh, "snap-c")
         await fresh.close()
+    (local.root / "snap-c" / "pack-00000001").unlink()
+    fresh = await local.store(workers)
+    with pytest.raises(CorruptSnapshot, match="pack 1 of snapshot snap-c is missing"):
+        await read_back(fresh, "snap-c")
+    await fresh.close()
     await store.close()
 
 

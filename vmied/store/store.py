@@ -317,8 +317,7 @@ class SnapshotStore:
             self._indices.move_to_end(key)
             return index
         pack = manifest.pack(number)
-        data = await self.objects.get(f"{manifest.snapshot_id}/{pack_name(number)}", pack.index_offset,
-                                      min(pack.index_length, MAX_INDEX_BYTES))
+        data = await self._get_pack(manifest, number, pack.index_offset, min(pack.index_length, MAX_INDEX_BYTES))
         index = await self.workers.run(parse_index, data, manifest.snapshot_id, number, pack)
         self._indices[key] = index
         self._index_bytes += index.nbytes
@@ -327,11 +326,18 @@ class SnapshotStore:
             self._index_bytes -= dropped.nbytes
         return index
 
+    async def _get_pack(self, manifest: Manifest, number: int, offset: int, length: int) -> bytes:
+        try:
+            return await self.objects.get(f"{manifest.snapshot_id}/{pack_name(number)}", offset, length)
+        except SnapshotNotFound:  # the manifest lists it: a pack gone from a complete snapshot is damage
+            raise CorruptSnapshot(f"pack {number} of snapshot {manifest.snapshot_id} is missing",
+                                  reason="store.missing") from None
+
     async def grains(self, manifest: Manifest, number: int, index: PackIndex, first: int, last: int
                      ) -> list[bytes]:
         """Index entries ``first..last`` of a pack: one ranged read, every grain's CRC-32C checked."""
         start, end = index.span(first, last)
-        data = await self.objects.get(f"{manifest.snapshot_id}/{pack_name(number)}", start, end - start)
+        data = await self._get_pack(manifest, number, start, end - start)
         where = f"pack {number} of snapshot {manifest.snapshot_id}"
         return await self.workers.run(verify_grains, data, index, first, last, where)
 
