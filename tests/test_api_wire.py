@@ -296,3 +296,29 @@ def test_any_string_round_trips_both_ways(text: str) -> None:
             decode_body(body)
     else:
         assert decode_body(body)[1] == {"Description": text}
+
+
+SEGMENTS = ["DiskContainer", "Filters", "Filter", "Name", "Value", "UserBucket", "S3Bucket", "Tag", "Key",
+            "TagSpecification", "ImportTaskId", "MaxResults", "DryRun", "ClientData", "UploadSize", "UploadStart",
+            "Image", "Bytes", "Volume", "Size", "ExportToS3", "1", "2", "10", "0", "x", ""]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(OPERATION_NAMES),
+       st.lists(st.tuples(st.lists(st.sampled_from(SEGMENTS), min_size=1, max_size=5).map(".".join),
+                          st.text(max_size=12)), max_size=8))
+def test_any_request_decodes_or_is_refused_with_an_ec2_error(action: str, pairs: list[tuple[str, str]]) -> None:
+    try:
+        params = wire.decode_request(action, pairs)
+    except ApiError as error:
+        assert error.status == 400 and error.code in (
+            "UnknownParameter", "MissingParameter", "InvalidParameterValue")
+    else:
+        assert isinstance(params, dict)
+
+
+def test_api_error_status_must_be_an_error_status() -> None:
+    assert ApiError("UnauthorizedOperation", "no").status == 403
+    assert ApiError("InvalidSnapshot.NotFound", "no").status == 400
+    with pytest.raises(ValueError, match="4xx or 5xx"):
+        ApiError("Whatever", "fine", 200)

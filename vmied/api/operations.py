@@ -53,6 +53,9 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.status = status if status is not None else ERROR_STATUS.get(code, 400)
+        if not 400 <= self.status <= 599:
+            # botocore reads an error document under a 2xx/3xx status as an empty success.
+            raise ValueError(f"an EC2 error needs a 4xx or 5xx status, not {self.status}")
 
 
 def missing_parameter(name: str) -> ApiError:
