@@ -105,12 +105,15 @@ def read_disk(path: Path) -> bytes:
 class HeldServer:
     """An HTTP server on 127.0.0.1 that serves one file by byte ranges once ``release()`` is called.
 
-    Until then every request waits: a task reading from it stays in its validating phase, which
-    lets a test cancel (or kill the daemon during) an import deterministically.
+    Until then every request for more than ``hold_above`` bytes waits (with 0, every request): a
+    task reading from it stays where it is, which lets a test cancel an import, or kill the daemon
+    during one, deterministically. With ``hold_above`` set, metadata reads pass and data reads wait.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, hold_above: int = 0) -> None:
         self.data = path.read_bytes()
+        self.hold_above = hold_above  # requests for at most this many bytes are answered at once
+        self.held = 0  # requests waiting now
         self.released = threading.Event()
         self.requests = 0
         held = self
@@ -121,13 +124,17 @@ class HeldServer:
 
             def do_GET(self) -> None:
                 held.requests += 1
-                if not held.released.wait(60):
-                    self.send_error(503)
-                    return
                 first, last = 0, len(held.data) - 1
                 match = re.match(r"bytes=(\d+)-(\d+)", self.headers.get("Range", ""))
                 if match:
                     first, last = int(match.group(1)), min(int(match.group(2)), len(held.data) - 1)
+                if last - first + 1 > held.hold_above:
+                    held.held += 1
+                    released = held.released.wait(60)
+                    held.held -= 1
+                    if not released:
+                        self.send_error(503)
+                        return
                 body = held.data[first:last + 1]
                 self.send_response(206 if match else 200)
                 self.send_header("Content-Length", str(len(body)))
