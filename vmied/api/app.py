@@ -63,6 +63,8 @@ def make_ec2_app(config: Config, service: Any, *, clock: Clock = time.time,
     if operations is None:
         load_handlers()
         operations = OPERATIONS
+    for action in OPERATION_NAMES:
+        wire.operation_model(action)  # load botocore's model now, not during the first request
     endpoint = _Endpoint(config, service, clock, operations, status_page)
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[EC2_ENDPOINT] = endpoint
