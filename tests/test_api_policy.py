@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,7 +12,7 @@ from tests.ec2_endpoint import boto3_client, call, ec2_server, echo_handler, mak
 from vmied.api.app import make_ec2_app
 from vmied.api.operations import RequestContext
 from vmied.api.policy import Decision, PolicyError, evaluate, request_resources, resource_arn, validate_policy
-from vmied.config import Credential
+from vmied.config import Credential, load_config
 from vmied.errors import UsageError
 
 ARN = "arn:aws:ec2:us-east-1:123456789012"
@@ -212,3 +213,12 @@ def test_app_refuses_a_policy_it_cannot_evaluate() -> None:
     config = limited({"Statement": [{**allow("ec2:*"), "Condition": condition}]})
     with pytest.raises(UsageError, match=r"credentials\[0\] \(AKIDLIMITED\): policy: .*Condition"):
         make_ec2_app(config, service=None, operations={})
+
+
+def test_configuration_refuses_a_policy_the_endpoint_cannot_evaluate(tmp_path: Path) -> None:
+    path = tmp_path / "vmied.toml"
+    path.write_text(f'[state]\ndirectory = "{tmp_path}"\n[[credentials]]\naccess_key_id = "AKID1"\n'
+                    'secret_access_key = "s"\npolicy = { Statement = [ { Effect = "Allow", Action = "ec2:*", '
+                    'NotResource = "image/*" } ] }\n')
+    with pytest.raises(UsageError, match=r"credentials\[0\]\.policy: Statement\[0\]: NotResource 'image/\*'"):
+        load_config(str(path))

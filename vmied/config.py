@@ -218,6 +218,12 @@ def check_policy(policy: Any) -> str | None:
         return None
     if not isinstance(policy, dict) or not isinstance(policy.get("Statement"), list | dict):
         return "must be an IAM policy document: an object with a Statement"
+    # What the EC2 endpoint can evaluate (Effect, Action/NotAction, Resource/NotResource; no Condition).
+    from .api.policy import PolicyError, validate_policy
+    try:
+        validate_policy(policy)
+    except PolicyError as exc:
+        return str(exc)
     return None
 
 
