@@ -1,4 +1,5 @@
-"""The EC2 endpoint: one aiohttp handler for POST and GET on ``/``.
+"""The EC2 endpoint: one aiohttp handler for POST and GET (on ``/``, or whatever path the client's
+endpoint URL has).
 
 Each request goes through, in order: the body size cap, SigV4 (header or pre-signed query),
 ``Action`` and ``Version``, decoding against botocore's model, the access key's policy for the
@@ -27,7 +28,7 @@ from .auth import PRESIGN_PARAMETERS, Clock, SignedRequest, SigV4Verifier
 from .operations import OPERATION_NAMES, OPERATIONS, ApiError, Handler, RequestContext, missing_parameter
 
 #: Largest request body accepted. The biggest legitimate request (ImportImage with 21 disks and tags)
-#: is a few KiB; EC2 itself refuses bodies over a few hundred KiB.
+#: is a few KiB, so this leaves a wide margin while bounding what one request can make us parse.
 MAX_BODY_BYTES = 1 << 20
 DRY_RUN_MESSAGE = "Request would have succeeded, but DryRun flag is set."
 INTERNAL_ERROR_MESSAGE = "An internal error has occurred"
@@ -50,7 +51,7 @@ class _Outcome:
 def make_ec2_app(config: Config, service: Any, *, clock: Clock = time.time,
                  operations: Mapping[str, Handler] | None = None,
                  status_page: StatusPage | None = None) -> web.Application:
-    """The EC2 query endpoint on ``/`` (POST and GET).
+    """The EC2 query endpoint (POST and GET).
 
     ``operations`` defaults to the registry the handler modules fill (imported here); ``clock``
     (seconds since the epoch) is what SigV4 dates are checked against; ``status_page`` answers a
