@@ -224,3 +224,43 @@ async def test_reload_raises_the_limit(tmp_path: Path, moto: S3Server, images: d
             assert (await finished(service, task.id)).state == COMPLETED
     finally:
         await service.stop(5)
+
+
+async def test_image_from_a_stored_snapshot_and_an_s3_url(tmp_path: Path, moto: S3Server,
+                                                          images: dict[str, Path]) -> None:
+    upload(moto, images["vmdk2"], "disks/two.vmdk")
+    service = await Service.start(service_config(tmp_path, moto))
+    try:
+        first, _ = await service.submit(new_task(IMPORT_SNAPSHOT, [{"Url": f"s3://{BUCKET}/disks/two.vmdk"}]))
+        snapshot_id = (await finished(service, first.id)).result["snapshot_id"]
+        task, _ = await service.submit(new_task(IMPORT_IMAGE, [{"SnapshotId": snapshot_id, "DeviceName": "/dev/xvda"}],
+                                                Platform="Windows"))
+        done = await finished(service, task.id)
+        assert done.state == COMPLETED, done.status_message
+        image = await service.catalog.get_image(done.result["image_id"])
+        assert image is not None and image.devices[0].device_name == "/dev/xvda"
+        assert (image.platform, image.license_type, image.usage_operation) == ("Windows", "AWS", "RunInstances:0002")
+        copy = image.devices[0].snapshot_id
+        assert copy != snapshot_id  # an image import makes its own snapshot
+        assert await service.store.read(copy, 0, 3 * MiB) == images["raw2"].read_bytes()
+    finally:
+        await service.stop(5)
+
+
+async def test_status_summary_and_task_gauge(tmp_path: Path, moto: S3Server, images: dict[str, Path]) -> None:
+    from vmied import metrics
+
+    upload(moto, images["corrupt"], "bad.vmdk")
+    service = await Service.start(service_config(tmp_path, moto))
+    try:
+        task, _ = await service.submit(new_task(IMPORT_SNAPSHOT, [container("bad.vmdk")]))
+        await finished(service, task.id)
+        summary = await service.status_summary()
+        assert summary["running"] == []
+        assert [f["task_id"] for f in summary["failed"]] == [task.id]
+        assert summary["failed"][0]["status_message"].startswith("ClientError: ")
+        await asyncio.sleep(0.1)  # the gauge is refreshed from the catalog after the transition
+        assert metrics.TASKS.labels(IMPORT_SNAPSHOT, DELETED)._value.get() == 1
+        assert metrics.TASKS.labels(IMPORT_SNAPSHOT, ACTIVE)._value.get() == 0
+    finally:
+        await service.stop(5)

@@ -113,7 +113,8 @@ async def describe_images(ctx: RequestContext, params: dict[str, Any]) -> dict[s
     wanted = list(dict.fromkeys(params.get("ImageIds") or []))
     for image_id in wanted:
         check_image_id(image_id)
-    images = await catalog.list_images(wanted or None)
+    # images are private (never shared or public): a caller sees its own account's
+    images = [image for image in await catalog.list_images(wanted or None) if image.owner_id == ctx.account_id]
     if wanted:
         known = {image.id for image in images}
         missing = [image_id for image_id in wanted if image_id not in known]

@@ -68,7 +68,8 @@ async def describe_snapshots(ctx: RequestContext, params: dict[str, Any]) -> dic
     wanted = list(dict.fromkeys(params.get("SnapshotIds") or []))
     for snapshot_id in wanted:
         check_snapshot_id(snapshot_id)
-    snapshots = await catalog.list_snapshots(wanted or None)
+    # snapshots are private (never shared or public): a caller sees its own account's
+    snapshots = [s for s in await catalog.list_snapshots(wanted or None) if s.owner_id == ctx.account_id]
     if wanted:
         known = {snapshot.id for snapshot in snapshots}
         missing = next((snapshot_id for snapshot_id in wanted if snapshot_id not in known), None)

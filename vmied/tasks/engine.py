@@ -78,6 +78,20 @@ def register_kind(kind: TaskKind) -> TaskKind:
     return kind
 
 
+def load_kinds() -> list[str]:
+    """Import the modules of this package that register task kinds: ``imports`` and every ``export_*``."""
+    import importlib
+    import pkgutil
+
+    from . import __path__ as package_path
+
+    names = sorted(info.name for info in pkgutil.iter_modules(package_path)
+                   if info.name == "imports" or info.name.startswith("export_"))
+    for name in names:
+        importlib.import_module(f"{__package__}.{name}")
+    return names
+
+
 def pool_limit(service: Service, pool: str) -> int:
     limits = service.config.limits
     return {"import": limits.import_tasks, "export": limits.export_tasks}.get(pool, 1)

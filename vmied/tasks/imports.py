@@ -44,7 +44,6 @@ IMPORT_SNAPSHOT = "import-snapshot"
 IMPORT_KINDS = (IMPORT_IMAGE, IMPORT_SNAPSHOT)
 FORMATS = ("ova", "vhd", "vhdx", "vmdk", "raw")
 SNAPSHOT_FORMATS = ("vhd", "vhdx", "vmdk", "raw")
-GiB = 1 << 30
 
 
 def snapshot_description(task_id: str) -> str:
@@ -55,10 +54,6 @@ def snapshot_description(task_id: str) -> str:
 def device_name(index: int) -> str:
     """``/dev/sda1`` for the boot disk, then ``/dev/sdb``, ``/dev/sdc``... as AWS names them."""
     return "/dev/sda1" if index == 0 else f"/dev/sd{chr(ord('a') + index)}"
-
-
-def volume_size_gib(virtual_size: int) -> int:
-    return max(1, -(-virtual_size // GiB))
 
 
 def container_location(container: dict[str, Any]) -> str | None:

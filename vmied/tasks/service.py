@@ -22,9 +22,8 @@ from .. import metrics
 from ..config import Config
 from ..errors import VmiedError
 from ..pipeline import Workers
-from . import imports  # noqa: F401  (registers the import task kinds)
 from .db import ACTIVE, COMPLETED, DELETED, DELETING, FINISHED_STATES, Catalog, ImageRecord, Tag, Task
-from .engine import KINDS, Engine
+from .engine import KINDS, Engine, load_kinds
 
 log = logging.getLogger("vmied.tasks")
 
@@ -53,6 +52,7 @@ class Service:
         """Open the catalog and the store, clean up after a crash, resume interrupted tasks."""
         from ..store import open_store
 
+        load_kinds()  # before recovery: a task whose kind is not loaded would be ended as unknown
         workers = Workers(config.limits.workers or None)
         catalog = await Catalog.open(config.state.database)
         try:
