@@ -140,7 +140,8 @@ def paginate(items: Iterable[T], max_results: int | None, next_token: str | None
     Tokens are stateless and opaque to clients: the key of the last item returned, bound to
     ``scope`` (pass what selects the items, e.g. ``(ctx.action, params.get("Filters"))``) so a token
     cannot be replayed against another query. Items removed between pages do not upset paging.
-    ``max_results`` None returns everything after the token. A token that is not one of ours, or
+    ``max_results`` None returns everything after the token (when a request names explicit ids,
+    answer exactly those and skip paging, docs/ec2-api.md §1.7). A token that is not one of ours, or
     belongs to another query, raises InvalidNextToken; MaxResults out of ``limits`` raises
     InvalidParameterValue.
     """
