@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TextIO
 
+import uvloop
+
 from . import __version__
 from .convert import convert
 from .errors import Cancelled, UsageError, VmiedError
@@ -162,6 +164,14 @@ def add_storage_arguments(parser: argparse.ArgumentParser, destination: bool) ->
         group.add_argument("--dest-profile", help="AWS profile for the destination (overrides --profile)")
 
 
+async def run_serve(args: argparse.Namespace) -> int:
+    from .daemon import serve, show_config
+
+    if args.show_config:
+        return show_config(args.config)
+    return await serve(args.config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vmied", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"vmied {__version__}")
@@ -189,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--output", choices=("human", "json"), default="human")
     add_storage_arguments(info, destination=False)
     info.set_defaults(run=run_info)
+
+    serve = commands.add_parser("serve", help="run the EC2-compatible VM Import/Export service")
+    serve.add_argument("--config", metavar="PATH",
+                       help="configuration file (default: /etc/vmied/vmied.toml and /etc/vmied/conf.d/*.toml)")
+    serve.add_argument("--show-config", action="store_true",
+                       help="print the effective configuration (secrets masked) and exit")
+    serve.set_defaults(run=run_serve, loop_factory=uvloop.new_event_loop)
     return parser
 
 
@@ -196,7 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run: Callable[[argparse.Namespace], Coroutine[Any, Any, int]] = args.run
     try:
-        return asyncio.run(run(args))
+        with asyncio.Runner(loop_factory=getattr(args, "loop_factory", None)) as runner:
+            return runner.run(run(args))
     except VmiedError as exc:
         if isinstance(exc, Cancelled):
             print("vmied: cancelled; no output was left behind", file=sys.stderr)
