@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import calendar
+import json
+import os
+import sys
 import time
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -246,3 +250,26 @@ def test_verifier_signs_non_root_paths_and_reports_the_credential() -> None:
     with pytest.raises(ApiError) as caught:
         verifier.verify(SignedRequest("POST", "/vmie", [], [("Host", "127.0.0.1:8081"), *headers.items()], body))
     assert caught.value.code == "SignatureDoesNotMatch"
+
+
+async def run_cli(server: Any, secret: str, *args: str) -> tuple[int, str, str]:
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": secret,
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+           "AWS_MAX_ATTEMPTS": "1"}
+    env.pop("AWS_PROFILE", None)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "awscli", "ec2", *args, "--endpoint-url", endpoint_url(server), env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_aws_cli_signs_and_reports_signature_failures() -> None:
+    async with ec2_server(make_config(), {"DescribeImages": echo_handler(IMAGES)}) as server:
+        code, out, err = await run_cli(server, SECRET_KEY, "describe-images", "--image-ids", "ami-0123456789abcdef0")
+        assert code == 0, err
+        assert json.loads(out)["Images"] == IMAGES["Images"]
+        code, out, err = await run_cli(server, "wrong-secret", "describe-images")
+    assert code == 255
+    assert "An error occurred (SignatureDoesNotMatch) when calling the DescribeImages operation" in err
