@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
-import importlib
 import logging
 import os
 import secrets
@@ -34,9 +33,11 @@ from typing import Any
 from aiohttp import web
 
 from . import __version__, metrics, systemd
+from .api.app import make_ec2_app, reconfigure_ec2_app
 from .config import Config, Credential, load_config, render, split_address
 from .errors import UsageError, VmiedError
 from .log import setup_logging
+from .tasks.service import Service
 
 log = logging.getLogger("vmied.daemon")
 
@@ -140,25 +141,14 @@ def with_credentials(config: Config) -> Config:
     return dataclasses.replace(config, credentials=[credential])
 
 
-# --- the other parts: the task service and the EC2 application ----------------------------------------
-
-def optional_module(name: str) -> Any | None:
-    """A part of the daemon another module provides, or None while it does not exist yet."""
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and name.startswith(exc.name):
-            return None
-        raise
-
-
 # --- the daemon -------------------------------------------------------------------------------------
 
 class Daemon:
     def __init__(self, config_path: str | None, config: Config) -> None:
         self.config_path = config_path
         self.config = config
-        self.service: Any = None
+        self.service: Service | None = None
+        self.app: web.Application | None = None
         self.runner: web.AppRunner | None = None
         self.ready = False
         self.started = time.time()
@@ -173,17 +163,14 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         systemd.notify("STATUS=starting")
         self.config = await asyncio.to_thread(self.prepare_state, self.config)
-        service_module = optional_module("vmied.tasks.service")
-        if service_module is not None:
-            self.service = await service_module.Service.start(self.config)
+        self.service = await Service.start(self.config)
         try:
             await self.listen()
             self.ready = True
             metrics.READY.set(1)
             status = f"serving on {', '.join(self.addresses)}"
             systemd.notify("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
-            log.info("ready", extra={"listen": self.addresses, "version": __version__,
-                                     "service": self.service is not None})
+            log.info("ready", extra={"listen": self.addresses, "version": __version__})
             watchdog = asyncio.create_task(self.watchdog())
             await self.stopping.wait()
             watchdog.cancel()
@@ -197,16 +184,14 @@ class Daemon:
         return with_credentials(config)
 
     def application(self) -> web.Application:
-        api_module = optional_module("vmied.api.app")
-        app = api_module.make_ec2_app(self.config, self.service) if api_module else web.Application()
-        # Outermost, so the API's own middlewares (signatures) never see the operator's routes.
+        app = make_ec2_app(self.config, self.service, status_page=self.status_page)
+        # Outermost, so the operator's routes never reach the EC2 endpoint (which serves any path).
         app.middlewares.insert(0, self.ops_routes)
-        app["vmied.daemon"] = self
         return app
 
     async def listen(self) -> None:
-        self.runner = web.AppRunner(self.application(), access_log=None, handle_signals=False,
-                                    shutdown_timeout=5.0)
+        self.app = self.application()
+        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
         await self.runner.setup()
         inherited = systemd.listen_sockets()
         sites: list[web.BaseSite] = []
@@ -260,6 +245,8 @@ class Daemon:
             fresh = await asyncio.to_thread(load_config, self.config_path)
             fresh = await asyncio.to_thread(self.prepare_state, fresh)
             listen_changed = fresh.server.listen != self.config.server.listen
+            if self.app is not None:
+                reconfigure_ec2_app(self.app, fresh)  # refuses (changing nothing) a policy it cannot evaluate
             setup_logging(fresh.log)
             if self.service is not None:
                 await self.service.reload(fresh)
@@ -284,8 +271,6 @@ class Daemon:
         route = OPS_ROUTES.get((request.method, request.path))
         if route is not None:
             return await route(self, request)
-        if request.method == "GET" and request.path == "/" and is_browser_request(request):
-            return await self.status_page(request)
         return await handler(request)
 
     async def metrics_route(self, request: web.Request) -> web.Response:
@@ -303,16 +288,15 @@ class Daemon:
     async def status_json(self, request: web.Request) -> web.Response:
         return web.json_response(await self.status())
 
-    async def status_page(self, request: web.Request) -> web.Response:
+    async def status_page(self, request: web.Request) -> web.StreamResponse:
         from .status import render_page
         return web.Response(text=render_page(await self.status()), content_type="text/html")
 
     async def status(self) -> dict[str, Any]:
         """What the status page shows: the daemon, task counts, running tasks and recent failures."""
         tasks: dict[str, Any] = {"running": [], "failed": []}
-        describe = getattr(self.service, "status_summary", None)
-        if describe is not None:
-            tasks = await describe()
+        if self.service is not None:
+            tasks = await self.service.status_summary()
         return {
             "version": __version__, "ready": self.ready, "uptime_seconds": round(time.time() - self.started, 1),
             "listen": self.addresses, "region": self.config.server.region,
@@ -328,12 +312,6 @@ OPS_ROUTES: dict[tuple[str, str], Callable[[Daemon, web.Request], Awaitable[web.
     ("HEAD", "/readyz"): Daemon.readyz,
     ("GET", "/status.json"): Daemon.status_json,
 }
-
-
-def is_browser_request(request: web.Request) -> bool:
-    """A plain GET of ``/`` (no EC2 Action, no signature) is a person looking at the status page."""
-    return "Action" not in request.query and "X-Amz-Signature" not in request.query \
-        and "Authorization" not in request.headers
 
 
 def task_counts() -> dict[str, dict[str, int]]:

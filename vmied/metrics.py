@@ -20,6 +20,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client import (
@@ -30,6 +31,9 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from . import __version__
+
+# The *_created series double the exposition and no dashboard reads them.
+disable_created_metrics()
 
 #: vmied's own registry (not the library's global one), so only these series are exposed.
 REGISTRY = CollectorRegistry()
