@@ -6,7 +6,7 @@ aborted, so the destination never holds a partial output.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 
 from .extents import Extent, checked
@@ -23,7 +23,7 @@ class Result:
     output_bytes: int
 
 
-async def tracked(extents: AsyncIterator[Extent], progress: Progress) -> AsyncIterator[Extent]:
+async def tracked(extents: AsyncIterator[Extent], progress: Progress) -> AsyncGenerator[Extent, None]:
     """Report each extent the writer takes, and stop at the next batch once cancelled."""
     async for extent in extents:
         progress.check()

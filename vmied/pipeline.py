@@ -11,7 +11,7 @@ import asyncio
 import os
 import time
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -68,7 +68,7 @@ async def ordered_map(
             await asyncio.gather(*pending, return_exceptions=True)
 
 
-async def prefetch(items: AsyncIterable[T], depth: int = DEFAULT_DEPTH) -> AsyncIterator[T]:
+async def prefetch(items: AsyncIterable[T], depth: int = DEFAULT_DEPTH) -> AsyncGenerator[T, None]:
     """Run the producer ``items`` in its own task, up to ``depth`` items ahead of the consumer.
 
     This is what lets a reader inflate while the writer deflates: without it an async pipeline
