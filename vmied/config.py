@@ -297,19 +297,23 @@ TOP_LEVEL = ("credentials", "credentials_file", "aws_config_file")
 
 # --- loading -----------------------------------------------------------------------------------------
 
-def config_files(path: str | None) -> list[str]:
+def config_files(path: str | None, system_file: str = SYSTEM_CONFIG, drop_ins: str = SYSTEM_DROP_INS) -> list[str]:
     """The files to read, in order: the explicit one, or the system file and its drop-ins."""
     if path is not None:
         if not os.path.isfile(path):
             raise UsageError(f"configuration file {path}: no such file")
         return [path]
-    files = [SYSTEM_CONFIG] if os.path.isfile(SYSTEM_CONFIG) else []
-    return files + sorted(glob.glob(os.path.join(SYSTEM_DROP_INS, "*.toml")))
+    files = [system_file] if os.path.isfile(system_file) else []
+    return files + sorted(glob.glob(os.path.join(glob.escape(drop_ins), "*.toml")))
 
 
-def load_config(path: str | None = None) -> Config:
-    """The effective configuration (see the module's docstring); refuses a bad file with UsageError."""
-    files = config_files(path)
+def load_config(path: str | None = None, *, system_file: str = SYSTEM_CONFIG,
+                drop_ins: str = SYSTEM_DROP_INS) -> Config:
+    """The effective configuration (see the module's docstring); refuses a bad file with UsageError.
+
+    ``system_file`` and ``drop_ins`` (the places read without an explicit path) exist for tests.
+    """
+    files = config_files(path, system_file, drop_ins)
     merged: dict[str, Any] = {}
     credentials: dict[str, dict[str, Any]] = {}
     for name in files:
