@@ -8,6 +8,7 @@ import hashlib
 import os
 import random
 import struct
+import tracemalloc
 import zlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -305,6 +306,33 @@ async def test_manifest_of_a_16_tib_sparse_disk_stays_small(local: Backend, work
         assert await store.read("huge", offset - 100, GRAIN + 200) == bytes(100) + data + bytes(100)
     # the bound for the same disk full of incompressible data, in default 64 MiB packs: ~10 MiB
     assert layout.manifest_size(size // StoreOptions().pack_size) < 16 * MiB
+    await store.close()
+
+
+async def test_memory_is_bounded_by_the_configuration_not_the_disk(local: Backend, workers: Workers) -> None:
+    """Python-allocated peak while writing and streaming 128 MiB of incompressible data stays far below it."""
+    size = 128 * MiB
+    rng = random.Random(12)
+
+    async def generated() -> AsyncIterator[Extent]:
+        for at in range(0, size, MiB):
+            yield Extent.of_data(at, rng.randbytes(MiB))
+
+    store = await local.store(workers, pack_size=8 * MiB, window=2 * MiB, readahead=2, depth=2)
+    tracemalloc.start()
+    try:
+        await store.write("big", generated(), size)
+        _, write_peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        reader = await store.open("big")
+        grains = 0
+        async for extent in reader.extents():
+            grains += len(extent.grains)
+        _, read_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert grains == size // GRAIN
+    assert write_peak < 32 * MiB and read_peak < 16 * MiB  # measured: about 21 and 10, (write_peak, read_peak)
     await store.close()
 
 
