@@ -122,7 +122,9 @@ async def test_finished_tasks_leave_the_listing_after_the_retention(tmp_path: Pa
 async def interrupted_after_first_disk(tmp_path: Path, moto: S3Server) -> tuple[Task, str]:
     """Start an import of two disks, stop the service once the first is committed; the task and that snapshot."""
     service = await Service.start(service_config(tmp_path, moto))
-    task, _ = await service.submit(new_task(IMPORT_IMAGE, [container("small.vmdk"), container("large.vmdk")]))
+    accepted, _ = await service.submit(new_task(IMPORT_IMAGE, [container("small.vmdk"), container("large.vmdk")]))
+    task = service.engine.live(accepted.id)  # the running task's own record
+    assert task is not None
     deadline = time.monotonic() + 30
     while not task.checkpoint.get("snapshots"):
         assert time.monotonic() < deadline and task.state == ACTIVE, task
@@ -185,5 +187,24 @@ async def test_a_task_being_cancelled_at_the_crash_ends_deleted(tmp_path: Path, 
     try:
         ended = await service.get_task(task.id)
         assert ended is not None and (ended.state, ended.status_message) == (DELETED, "wrong disk")
+    finally:
+        await service.stop(5)
+
+
+async def test_a_task_still_queued_at_the_stop_runs_after_the_start(tmp_path: Path, moto: S3Server,
+                                                                    disks: dict[str, Path]) -> None:
+    upload(moto, disks["small.vmdk"], "small.vmdk")
+    config = service_config(tmp_path, moto)
+    catalog = await Catalog.open(config.state.database)
+    task = new_task(IMPORT_SNAPSHOT, [container("small.vmdk")])
+    task.status_message, task.phase, task.progress = "pending", "pending", 3
+    task.restarts = MAX_RESTARTS  # queued tasks were never interrupted: the count does not apply
+    await catalog.create_task(task)
+    await catalog.close()
+    service = await Service.start(config)
+    try:
+        done = await finished(service, task.id)
+        assert done.state == COMPLETED, done.status_message
+        assert await service.store.read(done.result["snapshot_id"], 0, 2 * MiB) == disks["small"].read_bytes()
     finally:
         await service.stop(5)

@@ -146,8 +146,10 @@ class TaskContext:
 
     async def _save_quietly(self) -> None:
         if self.task.state == ACTIVE:
-            with contextlib.suppress(VmiedError):
+            try:
                 await self.catalog.save_task(self.task)
+            except Exception:  # progress only: the next phase change or checkpoint writes it again
+                log.debug("progress of task %s not saved", self.task.id, exc_info=True)
 
     async def save(self) -> None:
         self._last_write = time.monotonic()
@@ -292,6 +294,8 @@ class Engine:
                                         f"ServerError: this vmied cannot run {task.kind} tasks")
             elif task.state == DELETING:
                 await self._end_deleted(TaskContext(self.service, task), task.status_message or "User cancelled")
+            elif task.phase in ("", "pending"):  # queued, never started: nothing was interrupted
+                self.enqueue(task)
             elif task.restarts + 1 >= MAX_RESTARTS:
                 await self._end_deleted(TaskContext(self.service, task),
                                         f"ServerError: the task was interrupted by {task.restarts + 1} restarts "
@@ -305,6 +309,7 @@ class Engine:
     async def stop(self, grace: float) -> None:
         """Take no new runners; give running tasks ``grace`` seconds, then interrupt them."""
         self.accepting = False
+        contexts = [context for context, _ in self.running.values()]
         runners = [runner for _, runner in self.running.values()]
         if runners:
             _, still = await asyncio.wait(runners, timeout=max(grace, 0.0))
@@ -312,7 +317,9 @@ class Engine:
                 runner.cancel()
             await asyncio.gather(*still, return_exceptions=True)
         # Progress of interrupted tasks, so a status page after the restart shows where they were.
-        for context, _ in list(self.running.values()):
+        for context in contexts:
+            if context._saving is not None:
+                await asyncio.gather(context._saving, return_exceptions=True)
             if context.task.state == ACTIVE:
                 with contextlib.suppress(Exception):
                     await context.save()

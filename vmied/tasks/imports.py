@@ -20,8 +20,10 @@ restart skips the disks its checkpoint lists and rewrites the one that was inter
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -216,6 +218,12 @@ def describe_disks(context: TaskContext, plan: Plan) -> None:
 # --- converting --------------------------------------------------------------------------------------
 
 
+async def commit(transaction: Awaitable[None]) -> None:
+    """Let a catalog commit finish even if the task is interrupted meanwhile (the store already holds
+    the data; the in-memory task already says so), so memory and catalog never disagree."""
+    await asyncio.shield(asyncio.ensure_future(transaction))
+
+
 async def write_disk(context: TaskContext, disk: PlannedDisk, done_before: int, total: int,
                      span: tuple[int, int]) -> SnapshotRecord:
     """Stream one disk into the store as a new snapshot; the catalog row is returned, not yet committed."""
@@ -299,6 +307,8 @@ async def convert_disks(context: TaskContext, plan: Plan) -> None:
     for disk in plan.disks:
         context.check()
         earlier = done_snapshots.get(str(disk.index))
+        if earlier is not None and await context.catalog.get_snapshot(earlier["id"]) is None:
+            earlier = None  # the checkpoint got ahead of the catalog: write this disk again
         if earlier is not None:
             if earlier["virtual_size"] != disk.virtual_size:
                 raise TaskFailed(f"ClientError: disk {disk.index + 1} changed while the import was interrupted "
@@ -315,11 +325,11 @@ async def convert_disks(context: TaskContext, plan: Plan) -> None:
         if not image_task:
             context.complete()
             task.result["snapshot_id"] = record.id
-            await context.catalog.commit_snapshot(record, task)
+            await commit(context.catalog.commit_snapshot(record, task))
             await apply_result_tags(context, {"snapshot": [record.id]})
             return
         task.progress = span[0] + int((span[1] - span[0]) * done / total) if total else span[1]
-        await context.catalog.commit_snapshot(record, task)
+        await commit(context.catalog.commit_snapshot(record, task))
     await register_image(context, plan, records)
 
 
@@ -339,7 +349,7 @@ async def register_image(context: TaskContext, plan: Plan, records: list[tuple[P
     context.report(85)
     context.complete()
     result["image_id"] = image.id
-    await context.catalog.commit_image(image, task)
+    await commit(context.catalog.commit_image(image, task))
     await apply_result_tags(context, {"image": [image.id], "snapshot": [device.snapshot_id for device in devices]})
 
 
