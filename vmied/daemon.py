@@ -270,7 +270,11 @@ class Daemon:
                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         route = OPS_ROUTES.get((request.method, request.path))
         if route is not None:
-            return await route(self, request)
+            response = await route(self, request)
+            # Scrapes and probes come every few seconds: at debug, not at info.
+            log.debug("%s %s %d", request.method, request.path, response.status,
+                      extra={"path": request.path, "status": response.status, "remote": request.remote})
+            return response
         return await handler(request)
 
     async def metrics_route(self, request: web.Request) -> web.Response:
