@@ -33,7 +33,7 @@ from prometheus_client.process_collector import ProcessCollector
 from . import __version__
 
 # The *_created series double the exposition and no dashboard reads them.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 #: vmied's own registry (not the library's global one), so only these series are exposed.
 REGISTRY = CollectorRegistry()
