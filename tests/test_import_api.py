@@ -140,6 +140,24 @@ def test_cli_import_image_of_two_vmdk_disks(daemon: DaemonProcess, tmp_path: Pat
     assert image["PlatformDetails"] == "Linux/UNIX" and image["UsageOperation"] == "RunInstances"
 
 
+def test_cli_import_image_with_encryption(daemon: DaemonProcess, tmp_path: Path, disks: dict[str, Path],
+                                          ec2: Any) -> None:
+    (tmp_path / "containers.json").write_text(json.dumps([
+        {"Description": "First disk", "Format": "vmdk",
+         "UserBucket": {"S3Bucket": BUCKET, "S3Key": "disks/my-server-vm-disk1.vmdk"}}], indent=2))
+    task = aws_json(daemon, tmp_path, "import-image", "--description", "My server disks", "--encrypted",
+                    "--kms-key-id", "0ea3fef3-80a7-4778-9d8c-1c0c6EXAMPLE", "--disk-containers",
+                    "file://containers.json")
+    assert (task["Encrypted"], task["KmsKeyId"]) == (True, "0ea3fef3-80a7-4778-9d8c-1c0c6EXAMPLE")
+    done = wait_for_task(ec2, task["ImportTaskId"])
+    assert done["Status"] == "completed" and done["Encrypted"] is True
+    snapshot = ec2.describe_snapshots(SnapshotIds=[done["SnapshotDetails"][0]["SnapshotId"]])["Snapshots"][0]
+    assert (snapshot["Encrypted"], snapshot["KmsKeyId"]) == (True, "0ea3fef3-80a7-4778-9d8c-1c0c6EXAMPLE")
+    refused = aws(daemon, tmp_path, "import-image", "--kms-key-id", "k", "--disk-containers",
+                  "file://containers.json", check=False)
+    assert refused.returncode == 255 and "InvalidParameterCombination" in refused.stderr
+
+
 def test_cli_import_snapshot_describe_cancel(daemon: DaemonProcess, tmp_path: Path, disks: dict[str, Path],
                                              ec2: Any) -> None:
     (tmp_path / "containers.json").write_text(json.dumps(
