@@ -7,7 +7,6 @@ import asyncio
 import hashlib
 import os
 import random
-import struct
 import tracemalloc
 import zlib
 from collections.abc import AsyncIterator, Iterator
@@ -723,6 +722,7 @@ def test_digest_jobs_cut_long_zero_runs() -> None:
 
 
 def test_structures_have_their_documented_sizes() -> None:
-    assert layout.INDEX_ENTRY.size == 24 and layout.PACK_ENTRY.size == 40 and layout.TRAILER.size == 8
+    """The sizes the layout's table gives (a change of layout must change the version too)."""
+    assert (layout.MANIFEST_HEADER.size, layout.PACK_ENTRY.size, layout.TRAILER.size) == (148, 40, 8)
+    assert (layout.INDEX_HEADER.size, layout.INDEX_ENTRY.size) == (88, 24)
     assert layout.MAX_INDEX_BYTES < 400 * 1024
-    assert struct.calcsize("<Q") == 8

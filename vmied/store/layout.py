@@ -24,6 +24,24 @@ Manifest object (read whole, then kept in memory)::
                                       CRC-32C of the pack index, index offset, pack size
     ...             TRAILER           CRC-32C of everything before it, magic "SNAP"
 
+Structures (all little-endian; offsets in bytes)::
+
+    MANIFEST_HEADER (148)            PACK_ENTRY (40)                 TRAILER (8)
+      0  magic "VMSTSNAP"   8s         0  first grain      u64         0  CRC-32C    u32
+      8  version (1)        u32        8  end grain        u64         4  end magic  4s
+     12  header size (148)  u32       16  grain count      u32
+     16  snapshot id        64s       20  index CRC-32C    u32       INDEX_ENTRY (24)
+     80  virtual size       u64       24  index offset     u64         0  grain number  u64
+     88  grain size (65536) u32       32  pack size        u64         8  offset        u64
+     92  pack count         u32                                       16  length        u32
+     96  data grains        u64      INDEX_HEADER (88)                20  CRC-32C       u32
+    104  stored bytes       u64        0  magic "VMSTPIDX"  8s
+    112  flags (1: SHA-256) u32        8  version (1)       u32
+    116  SHA-256            32s       12  header size (88)  u32
+                                      16  snapshot id       64s
+                                      80  pack number       u32
+                                      84  grain count       u32
+
 Grains. Grain ``g`` covers virtual bytes ``[g x 64 KiB, (g + 1) x 64 KiB)``. Each stored grain is one
 zlib stream (RFC 1950) exactly as a stream-optimized VMDK grain, so grains pass between the two without
 being inflated and deflated again. All-zero grains are not stored: a grain absent from every pack reads
@@ -280,11 +298,6 @@ class Manifest:
     def pack(self, number: int) -> PackEntry:
         return PackEntry(self.first_grains[number], self.end_grains[number], self.grain_counts[number],
                          self.index_crcs[number], self.index_offsets[number], self.pack_sizes[number])
-
-    def pack_of(self, grain: int) -> int | None:
-        """The pack whose grain range holds ``grain``, None when the grain lies between packs (zero)."""
-        number = bisect_right(self.first_grains, grain) - 1
-        return number if number >= 0 and grain < self.end_grains[number] else None
 
     def packs_between(self, first_grain: int, end_grain: int) -> range:
         """Packs whose grain ranges meet ``[first_grain, end_grain)``."""

@@ -28,10 +28,10 @@ import hashlib
 import logging
 from bisect import bisect_left
 from collections import OrderedDict, deque
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from .. import codec
 from ..errors import StorageError, UsageError
@@ -382,13 +382,13 @@ class SnapshotStore:
             reader = await self.open(snapshot_id)
             writer = writer_class(output_format)(sink, reader.virtual_size, options or {}, self.workers)
             progress.virtual_size = reader.virtual_size
-            fetched = cast(AsyncGenerator[Extent, None], prefetch(checked(reader.extents(), reader.virtual_size)))
-            stream = cast(AsyncGenerator[Extent, None], tracked(fetched, progress))
+            fetched = prefetch(checked(reader.extents(), reader.virtual_size))
+            stream = tracked(fetched, progress)
             try:
                 await writer.write(stream)
             finally:  # a writer that stops early must not leave the read-ahead task running
-                await stream.aclose()
-                await fetched.aclose()
+                await _aclose(stream)
+                await _aclose(fetched)
             await sink.commit()
         except BaseException:
             await sink.abort()
@@ -486,6 +486,13 @@ class SnapshotStore:
         self._manifests.clear()
         self._indices.clear()
         await self.objects.close()
+
+
+async def _aclose(stream: object) -> None:
+    """Close an async generator (an ``async for`` that stops early does not)."""
+    close = getattr(stream, "aclose", None)
+    if close is not None:
+        await close()
 
 
 def _store_key(key: str) -> str | None:
