@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import botocore.session
 import pytest
 from botocore.config import Config as BotoConfig
 from prometheus_client.parser import text_string_to_metric_families
@@ -129,12 +130,16 @@ directory = "{self.state}"
             time.sleep(0.1)
 
     def ec2(self, profile: str | None = "vmied", **keys: str) -> Any:
-        """An EC2 client of the written profile (files of this daemon) or of explicit keys."""
-        os.environ["AWS_SHARED_CREDENTIALS_FILE"] = str(self.credentials_file)
-        os.environ["AWS_CONFIG_FILE"] = str(self.aws_config_file)
-        session = boto3.session.Session(profile_name=profile) if profile else boto3.session.Session(**keys)
-        return session.client("ec2", endpoint_url=None if profile else self.url, region_name=None if profile
-                              else "us-east-1", config=BotoConfig(retries={"max_attempts": 1}))
+        """An EC2 client of the written profile (this daemon's AWS files, region and endpoint) or of keys."""
+        if profile is None:
+            return boto3.session.Session(**keys).client("ec2", endpoint_url=self.url, region_name="us-east-1",
+                                                        config=BotoConfig(retries={"max_attempts": 1}))
+        files = botocore.session.Session()
+        files.set_config_variable("credentials_file", str(self.credentials_file))
+        files.set_config_variable("config_file", str(self.aws_config_file))
+        files.set_config_variable("profile", profile)
+        return boto3.session.Session(botocore_session=files).client(
+            "ec2", config=BotoConfig(retries={"max_attempts": 1}))
 
 
 def get(url: str) -> tuple[int, bytes]:

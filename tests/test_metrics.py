@@ -1,0 +1,100 @@
+"""``/metrics``: Prometheus naming conventions checked by promtool, bounded labels, every object exposed."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from botocore.exceptions import ClientError
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.test_daemon import Daemon, get
+from vmied import metrics
+
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool missing: Debian package prometheus "
+                                    "(tests/run.sh installs it)")
+#: Label names a metric may have: small fixed sets. A task id, bucket, key or access key never is one.
+ALLOWED_LABELS = {"action", "code", "kind", "state", "phase", "format", "direction", "operation", "outcome",
+                  "reason", "version", "implementation", "major", "minor", "patchlevel", "generation"}
+#: The other parts' metric objects: ``vmied.metrics`` is their contract (docs: daemon plan).
+CONTRACT = ("API_REQUESTS", "API_LATENCY", "TASKS", "TASK_TRANSITIONS", "TASK_DURATION", "PHASE_DURATION",
+            "BYTES", "S3_REQUESTS", "S3_RETRIES", "BUFFERED_BYTES", "PARTS_IN_FLIGHT", "STORE_BYTES",
+            "STORE_GRAINS")
+
+
+def promtool_check(text: bytes) -> subprocess.CompletedProcess[str]:
+    assert PROMTOOL is not None
+    return subprocess.run([PROMTOOL, "check", "metrics"], input=text.decode(), capture_output=True, text=True,
+                          timeout=60)
+
+
+def exercise_every_metric() -> None:
+    """One sample of each labelled family, so that every family shows its series and types."""
+    metrics.API_REQUESTS.labels("DescribeImages", "OK").inc()
+    metrics.API_LATENCY.labels("DescribeImages").observe(0.004)
+    metrics.TASKS.labels("import-image", "active").set(1)
+    metrics.TASK_TRANSITIONS.labels("import-image", "completed").inc()
+    metrics.TASK_DURATION.labels("import-image").observe(42.0)
+    metrics.PHASE_DURATION.labels("import-image", "converting").observe(30.0)
+    metrics.TASK_ERRORS.labels("import-snapshot", "image.corrupt").inc()
+    metrics.BYTES.labels("vmdk", "read").inc(1 << 20)
+    metrics.S3_REQUESTS.labels("UploadPart", "ok").inc()
+    metrics.S3_RETRIES.labels("status-503").inc()
+    metrics.CONFIG_RELOADS.labels("ok").inc()
+
+
+@needs_promtool
+def test_exposition_of_every_metric_passes_promtool() -> None:
+    exercise_every_metric()
+    checked = promtool_check(metrics.exposition())
+    assert checked.returncode == 0 and not checked.stdout.strip() and not checked.stderr.strip(), \
+        checked.stdout + checked.stderr
+
+
+def test_names_units_and_labels_follow_the_conventions() -> None:
+    exercise_every_metric()
+    families = list(text_string_to_metric_families(metrics.exposition().decode()))
+    for family in families:
+        assert family.name.startswith(("vmied_", "process_", "python_")), family.name
+        if family.type == "counter":
+            assert any(sample.name == family.name + "_total" for sample in family.samples) or not family.samples
+        if "duration" in family.name:
+            assert family.name.endswith("_seconds"), family.name
+        for sample in family.samples:
+            assert set(sample.labels) - {"le", "quantile"} <= ALLOWED_LABELS, (sample.name, sample.labels)
+    names = {family.name for family in families}
+    for attribute in CONTRACT:
+        assert getattr(metrics, attribute)._name in names, attribute
+
+
+def test_bounded_folds_unknown_values() -> None:
+    assert metrics.bounded("import-image", metrics.TASK_KINDS) == "import-image"
+    assert metrics.bounded("import-ami-0123456789abcdef0", metrics.TASK_KINDS) == metrics.OTHER
+
+
+@needs_promtool
+def test_daemon_metrics_endpoint_passes_promtool(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path)
+    daemon.start()
+    try:
+        client = daemon.ec2()
+        client.describe_import_image_tasks()
+        with pytest.raises(ClientError) as refused:
+            client.describe_import_image_tasks(ImportTaskIds=["import-ami-nope"])
+        code = refused.value.response["Error"]["Code"]
+        status, body = get(daemon.url + "/metrics")
+        assert status == 200
+        checked = promtool_check(body)
+        assert checked.returncode == 0 and not checked.stdout.strip() and not checked.stderr.strip(), \
+            checked.stdout + checked.stderr
+        text = body.decode()
+        assert 'vmied_api_requests_total{action="DescribeImportImageTasks",code="OK"} 1.0' in text
+        assert f'vmied_api_requests_total{{action="DescribeImportImageTasks",code="{code}"}} 1.0' in text
+        assert 'vmied_api_request_duration_seconds_count{action="DescribeImportImageTasks"} 2.0' in text
+        assert "import-ami-nope" not in text  # an id is never a label value
+        assert daemon.stop()[0] == 0
+    finally:
+        daemon.kill()
