@@ -29,8 +29,8 @@ from ..io.s3 import S3Config, S3Location, S3Sink, s3_call, s3_client
 from .layout import SnapshotNotFound
 
 T = TypeVar("T")
-#: Keys per ListObjectsV2 page.
-LIST_PAGE = 1000
+#: Keys per ListObjectsV2 page and per DeleteObjects request (the S3 maximum of both).
+LIST_PAGE = DELETE_BATCH = 1000
 #: Marker of a partial local object (vmied.io.local.FileSink's naming).
 PARTIAL_MARK = ".vmied-partial-"
 
@@ -71,6 +71,11 @@ class Objects(ABC):
     @abstractmethod
     async def delete(self, key: str) -> None:
         """Remove ``key``; an absent key is not an error."""
+
+    async def delete_many(self, keys: list[str]) -> None:
+        """Remove ``keys`` (absent ones are not an error); backends with a batch call override this."""
+        for key in keys:
+            await self.delete(key)
 
     @abstractmethod
     async def scan(self, prefix: str = "") -> list[ObjectInfo]:
@@ -145,6 +150,18 @@ class LocalObjects(Objects):
             await self._io(_unlink_and_prune, self.path(key), self.root)
         except OSError as exc:
             raise _local_error(self.path(key), exc, "delete") from None
+
+    async def delete_many(self, keys: list[str]) -> None:
+        paths = [self.path(key) for key in keys]
+
+        def delete_all() -> None:
+            for path in paths:
+                _unlink_and_prune(path, self.root)
+
+        try:
+            await self._io(delete_all)
+        except OSError as exc:
+            raise _local_error(self.root, exc, "delete") from None
 
     async def scan(self, prefix: str = "") -> list[ObjectInfo]:
         try:
@@ -296,6 +313,24 @@ class S3Objects(Objects):
     async def delete(self, key: str) -> None:
         await self._request("s3:DeleteObject", key,
                             lambda: self._client.delete_object(Bucket=self.bucket, Key=self.prefix + key))
+
+    async def delete_many(self, keys: list[str]) -> None:
+        """DeleteObjects, a thousand keys a request; a key the server could not delete is an error."""
+        for first in range(0, len(keys), DELETE_BATCH):
+            batch = keys[first : first + DELETE_BATCH]
+
+            def delete_batch(batch: list[str] = batch) -> Awaitable[Any]:
+                return self._client.delete_objects(  # type: ignore[no-any-return]
+                    Bucket=self.bucket, Delete={"Objects": [{"Key": self.prefix + key} for key in batch],
+                                                "Quiet": True})
+
+            answer = await self._request("s3:DeleteObject (DeleteObjects)", batch[0], delete_batch)
+            errors = answer.get("Errors") or []
+            if errors:
+                first_error = errors[0]
+                raise StorageError(f"DeleteObjects on {self.name}: {len(errors)} keys not deleted (first: "
+                                   f"{first_error.get('Key')}: {first_error.get('Code')} "
+                                   f"{first_error.get('Message')})", reason="s3.error")
 
     async def scan(self, prefix: str = "") -> list[ObjectInfo]:
         out: list[ObjectInfo] = []

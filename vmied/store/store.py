@@ -418,10 +418,9 @@ class SnapshotStore:
     async def _remove_all(self, snapshot_id: str) -> list[str]:
         prefix = f"{snapshot_id}/"
         removed = await self.objects.abort_uploads(prefix, lambda key: False)
-        for info in await self.objects.scan(prefix):
-            await self.objects.delete(info.key)
-            removed.append(info.key)
-        return removed
+        keys = [info.key for info in await self.objects.scan(prefix)]
+        await self.objects.delete_many(keys)
+        return removed + keys
 
     def _forget(self, snapshot_id: str) -> None:
         self._manifests.pop(snapshot_id, None)
@@ -455,10 +454,9 @@ class SnapshotStore:
             if snapshot_id in self._writing:
                 continue
             wanted = await self._wanted(snapshot_id, keys) if snapshot_id in keep else set()
-            for key in keys:
-                if key not in wanted:
-                    await self.objects.delete(key)
-                    removed.append(key)
+            unwanted = [key for key in keys if key not in wanted]
+            await self.objects.delete_many(unwanted)
+            removed += unwanted
             if not wanted:
                 self._forget(snapshot_id)
             held_bytes += sum(sizes[key] for key in wanted)
