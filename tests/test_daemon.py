@@ -6,7 +6,9 @@ writes its AWS profile into temporary files (AWS_SHARED_CREDENTIALS_FILE / AWS_C
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import signal
 import socket
@@ -29,7 +31,8 @@ from botocore.config import Config as BotoConfig
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.s3server import free_port
-from vmied.config import MASK
+from vmied.config import MASK, LogConfig
+from vmied.log import JsonFormatter, TextFormatter, setup_logging, use_json
 
 ROOT = Path(__file__).resolve().parents[1]
 GRACE = 5.0
@@ -336,3 +339,58 @@ def test_socket_activation_uses_the_passed_socket(daemon: Daemon) -> None:
     ready = daemon.wait_log(lambda line: line["msg"] == "ready")
     assert ready["listen"] == [f"127.0.0.1:{port}"]
     assert daemon.stop()[0] == 0
+
+
+# --- the log formats (in process) --------------------------------------------------------------------
+
+def log_record(**extra: Any) -> logging.LogRecord:
+    record = logging.LogRecord("vmied.tasks", logging.INFO, __file__, 1, "task %s", ("completed",), None)
+    record.__dict__.update(extra)
+    return record
+
+
+def test_json_log_lines_carry_the_extras() -> None:
+    line = json.loads(JsonFormatter().format(log_record(task_id="import-ami-0123456789abcdef0", phase="converting",
+                                                        bytes=1 << 20, duration=1.5, level="not-a-level")))
+    assert line["msg"] == "task completed" and line["logger"] == "vmied.tasks"
+    assert line["level"] == "info"  # an extra never hides a standard field
+    assert (line["task_id"], line["phase"], line["bytes"], line["duration"]) == (
+        "import-ami-0123456789abcdef0", "converting", 1 << 20, 1.5)
+    assert line["ts"].endswith("Z")
+    try:
+        raise ValueError("boom\nsecond line")
+    except ValueError:
+        failed = log_record()
+        failed.exc_info = sys.exc_info()
+    text = JsonFormatter().format(failed)
+    assert "\n" not in text and "ValueError: boom" in json.loads(text)["exc"]
+
+
+def test_text_log_lines_and_the_auto_format() -> None:
+    text = TextFormatter().format(log_record(request_id="r-1", action="ImportImage", code="OK"))
+    assert text.endswith("INFO    vmied.tasks: task completed [request_id=r-1 action=ImportImage code=OK]")
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert use_json("auto", io.StringIO()) and not use_json("auto", Terminal())
+    assert use_json("json", Terminal()) and not use_json("text", io.StringIO())
+
+
+def test_setup_logging_applies_a_new_level_and_format_without_a_second_handler() -> None:
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    stream = io.StringIO()
+    try:
+        setup_logging(LogConfig(level="warning", format="json"), stream)
+        logging.getLogger("vmied.test").info("hidden")
+        setup_logging(LogConfig(level="debug", format="text"), stream)
+        logging.getLogger("vmied.test").debug("shown")
+        assert len(root.handlers) == len(handlers) + 1
+        assert "hidden" not in stream.getvalue() and "DEBUG   vmied.test: shown" in stream.getvalue()
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
