@@ -16,6 +16,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.helpers import qemu_img
 from tests.s3server import (  # noqa: F401  (fixtures)
@@ -440,6 +442,79 @@ def test_index_entries_are_checked_even_when_the_checksums_agree() -> None:
             layout.parse_index(data, "s", 0, pack)
     with pytest.raises(CorruptSnapshot, match="another pack or snapshot"):
         layout.parse_index(good, "t", 0, good_entry)
+
+
+# hostile structures: whatever the bytes, a parse either succeeds consistently or is CorruptSnapshot
+
+U64 = st.integers(0, (1 << 64) - 1)
+U32 = st.integers(0, (1 << 32) - 1)
+SAMPLE_ENTRIES = [(10, 0, 100, 1), (19, 100, 50, 2)]
+SAMPLE_INDEX = layout.encode_index("s", 0, SAMPLE_ENTRIES)
+SAMPLE_PACK = layout.PackEntry(10, 20, 2, layout.crc32c(SAMPLE_INDEX), 150, 150 + len(SAMPLE_INDEX))
+SAMPLE_MANIFEST = layout.encode_manifest("s", 20 * GRAIN, [SAMPLE_PACK], "ab" * 32)
+
+
+def sealed(body: bytes, end_magic: bytes) -> bytes:
+    return body + layout.TRAILER.pack(layout.crc32c(body), end_magic)
+
+
+def test_sample_structures_parse() -> None:
+    manifest = layout.parse_manifest(SAMPLE_MANIFEST, "s")
+    assert (manifest.pack_count, manifest.data_grains, manifest.sha256) == (1, 2, "ab" * 32)
+    assert manifest.pack(0) == SAMPLE_PACK
+    assert list(layout.parse_index(SAMPLE_INDEX, "s", 0, SAMPLE_PACK).offsets) == [0, 100]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600))
+def test_random_bytes_are_never_a_manifest_or_an_index(data: bytes) -> None:
+    with pytest.raises(CorruptSnapshot):
+        layout.parse_manifest(data, "s")
+    with pytest.raises(CorruptSnapshot):
+        layout.parse_index(data, "s", 0, SAMPLE_PACK)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_any_damaged_byte_or_cut_is_caught(data: st.DataObject) -> None:
+    for good, parse in ((SAMPLE_MANIFEST, lambda b: layout.parse_manifest(b, "s")),
+                        (SAMPLE_INDEX, lambda b: layout.parse_index(b, "s", 0, SAMPLE_PACK))):
+        at = data.draw(st.integers(0, len(good) - 1))
+        with pytest.raises(CorruptSnapshot):
+            parse(flip(good, at) if data.draw(st.booleans()) else good[:at])
+
+
+@settings(max_examples=300, deadline=None)
+@given(U64, U32, U32, U64, U64, U32, st.tuples(U64, U64, U32, U32, U64, U64))
+def test_resealed_manifests_with_any_numbers_are_parsed_or_refused(
+        virtual_size: int, grain_size: int, count: int, data_grains: int, stored: int, flags: int,
+        entry: tuple[int, int, int, int, int, int]) -> None:
+    """Valid CRCs around lying numbers: the bounds, not the checksum, must refuse them, without a huge allocation."""
+    header = layout.MANIFEST_HEADER.pack(layout.MANIFEST_MAGIC, layout.VERSION, layout.MANIFEST_HEADER.size,
+                                         b"s".ljust(64, b"\0"), virtual_size, grain_size, count, data_grains,
+                                         stored, flags, bytes(32))
+    try:
+        manifest = layout.parse_manifest(sealed(header + layout.PACK_ENTRY.pack(*entry), layout.MANIFEST_END), "s")
+    except CorruptSnapshot:
+        return
+    pack = manifest.pack(0)
+    assert manifest.pack_count == 1 and pack.end_grain <= layout.grain_count(manifest.virtual_size)
+    assert pack.index_length == layout.index_size(pack.grain_count) and pack.pack_size <= layout.MAX_PACK_SIZE
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(U64, U64, U32, U32), min_size=1, max_size=4), U32, st.data())
+def test_resealed_indices_with_any_numbers_are_parsed_or_refused(
+        entries: list[tuple[int, int, int, int]], number: int, data: st.DataObject) -> None:
+    index = layout.encode_index("s", number % 3, entries)
+    pack = layout.PackEntry(data.draw(U64), data.draw(U64), len(entries), layout.crc32c(index), data.draw(U64),
+                            data.draw(U64))
+    try:
+        parsed = layout.parse_index(index, "s", number % 3, pack)
+    except CorruptSnapshot:
+        return
+    assert list(parsed.grains) == sorted(set(parsed.grains))
+    assert parsed.offsets[-1] + parsed.lengths[-1] == pack.index_offset
 
 
 async def test_damaged_manifest_is_a_named_error(local: Backend, workers: Workers) -> None:
