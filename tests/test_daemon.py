@@ -30,9 +30,12 @@ import pytest
 from botocore.config import Config as BotoConfig
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.daemon import HeldServer, make_raw, make_vmdk
+from tests.helpers import MiB
 from tests.s3server import free_port
 from vmied.config import MASK, LogConfig
 from vmied.log import JsonFormatter, TextFormatter, setup_logging, use_json
+from vmied.taskctl import table
 
 ROOT = Path(__file__).resolve().parents[1]
 GRACE = 5.0
@@ -394,3 +397,60 @@ def test_setup_logging_applies_a_new_level_and_format_without_a_second_handler()
             if handler not in handlers:
                 root.removeHandler(handler)
         root.setLevel(level)
+
+
+# --- vmied tasks (the operator CLI) against a running daemon --------------------------------------------
+
+def vmied_tasks(daemon: Daemon, *args: str, expect: int = 0) -> str:
+    done = subprocess.run([sys.executable, "-m", "vmied", "tasks", *args], capture_output=True, text=True,
+                          env=daemon.env(), cwd=ROOT, timeout=60)
+    assert done.returncode == expect, done.stdout + done.stderr
+    return done.stdout if expect == 0 else done.stderr
+
+
+def test_tasks_cli_lists_describes_and_cancels(daemon: Daemon, tmp_path: Path) -> None:
+    daemon.start()
+    vmdk = make_vmdk(make_raw(tmp_path / "disk.raw", 4 * MiB, 5), tmp_path / "disk.vmdk")
+    held = HeldServer(vmdk, hold_above=64 * 1024)  # the header is read, the grains wait
+    try:
+        task_id = daemon.ec2().import_snapshot(DiskContainer={"Format": "VMDK", "Url": held.url})["ImportTaskId"]
+        deadline = time.monotonic() + 30
+        while not held.held:
+            assert time.monotonic() < deadline, daemon.log_text()
+            time.sleep(0.05)
+
+        rows = json.loads(vmied_tasks(daemon, "--output", "json", "list"))
+        row = next(row for row in rows if row["task_id"] == task_id)
+        assert (row["kind"], row["status"]) == ("import-snapshot", "active")
+        # Bytes and ETA come from /status.json once the conversion reports progress (not yet: held).
+        assert {"bytes_done", "bytes_total", "eta_seconds"} <= set(row)
+        listing = vmied_tasks(daemon, "list")
+        assert listing.splitlines()[0].split() == ["TASK", "KIND", "STATUS", "MESSAGE", "PROGRESS", "BYTES", "ETA"]
+        assert any(line.startswith(task_id) and " active " in line for line in listing.splitlines())
+
+        described = json.loads(vmied_tasks(daemon, "--output", "json", "describe", task_id))[0]
+        assert described["task"]["SnapshotTaskDetail"]["Url"] == held.url
+
+        assert vmied_tasks(daemon, "cancel", task_id).strip() == f"{task_id}: active -> deleting"
+        held.release()
+        deadline = time.monotonic() + 30
+        while json.loads(vmied_tasks(daemon, "--output", "json", "describe", task_id))[0]["status"] != "deleted":
+            assert time.monotonic() < deadline, daemon.log_text()
+            time.sleep(0.2)
+    finally:
+        held.close()
+    assert "is not a task id" in vmied_tasks(daemon, "describe", "ami-0123456789abcdef0", expect=2)
+    refused = vmied_tasks(daemon, "describe", "import-ami-0123456789abcdef0", expect=1)
+    assert "DescribeImportImageTasks" in refused and "Traceback" not in refused
+
+
+def test_tasks_table_shows_bytes_and_eta() -> None:
+    rows = [{"task_id": "import-ami-0123456789abcdef0", "kind": "import-image", "status": "active",
+             "status_message": "converting", "progress": 42, "bytes_done": 3 << 29, "bytes_total": 4 << 30,
+             "eta_seconds": 3725.0},
+            {"task_id": "import-snap-0123456789abcdef0", "kind": "import-snapshot", "status": "completed",
+             "status_message": "", "progress": None, "bytes_done": None, "bytes_total": None, "eta_seconds": None}]
+    lines = table(rows).splitlines()
+    assert lines[1].split() == ["import-ami-0123456789abcdef0", "import-image", "active", "converting", "42%",
+                                "1.5", "GiB/4.0", "GiB", "1h02m"]
+    assert lines[2].split() == ["import-snap-0123456789abcdef0", "import-snapshot", "completed", "-", "-", "-", "-"]

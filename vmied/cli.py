@@ -206,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--show-config", action="store_true",
                        help="print the effective configuration (secrets masked) and exit")
     serve.set_defaults(run=run_serve, loop_factory=uvloop.new_event_loop)
+
+    from .taskctl import add_tasks_parser
+
+    add_tasks_parser(commands)
     return parser
 
 
