@@ -531,10 +531,13 @@ class _SnapshotWriter:
         digest = _Digest(self.options.depth) if self.virtual_size <= self.options.digest_max_size else None
         # the source runs in its own task, so a slow source read never stalls the packs, nor the reverse
         source = prefetch(checked(extents, self.virtual_size), self.options.depth)
-        stream = aligned(self._passable(source), GRAIN_SIZE)
+        passable = self._passable(source)
+        stream = aligned(passable, GRAIN_SIZE)
+        batches = _batches(stream)
+        encoded_batches = ordered_map(lambda batch: workers.run(encode_batch, batch, self.virtual_size), batches,
+                                      self.options.depth)
         try:
-            async for encoded in ordered_map(lambda batch: workers.run(encode_batch, batch, self.virtual_size),
-                                             _batches(stream), self.options.depth):
+            async for encoded in encoded_batches:
                 if digest is not None:
                     await digest.feed(encoded.plain)
                 for grain, stream_bytes, crc in encoded.grains:
@@ -544,6 +547,9 @@ class _SnapshotWriter:
         finally:
             if digest is not None:
                 digest.close()
+            # outside in: stop the jobs in flight and the source's read-ahead task now, not at GC
+            for generator in (encoded_batches, batches, stream, passable, source):
+                await _aclose(generator)
         await self._seal()
         await self._drain()
         self.progress.check()
@@ -705,8 +711,18 @@ class StoreReader(Reader):
         return None
 
     async def extents(self) -> AsyncIterator[Extent]:
+        runs = self._runs()
+        fetches = ordered_map(self._fetch, runs, self.store.options.readahead)
+        try:
+            async for extent in self._extents(fetches):
+                yield extent
+        finally:  # a consumer that stops early: no read stays in flight
+            await _aclose(fetches)
+            await _aclose(runs)
+
+    async def _extents(self, fetches: AsyncIterator[_Fetched]) -> AsyncIterator[Extent]:
         position = 0
-        async for fetched in ordered_map(self._fetch, self._runs(), self.store.options.readahead):
+        async for fetched in fetches:
             index, run = fetched.run.index, fetched.run
             pending: list[bytes] = []
             start = 0
@@ -740,15 +756,19 @@ class StoreReader(Reader):
             return number, await self.store.index(self.manifest, number)
 
         window = self.store.options.window
-        async for number, index in ordered_map(load, numbers(), 2):
-            first = 0
-            while first < len(index):
-                last = first
-                while last + 1 < len(index) and index.offsets[last + 1] + index.lengths[last + 1] \
-                        - index.offsets[first] <= window:
-                    last += 1
-                yield _Run(number, index, first, last)
-                first = last + 1
+        indices = ordered_map(load, numbers(), 2)
+        try:
+            async for number, index in indices:
+                first = 0
+                while first < len(index):
+                    last = first
+                    while last + 1 < len(index) and index.offsets[last + 1] + index.lengths[last + 1] \
+                            - index.offsets[first] <= window:
+                        last += 1
+                    yield _Run(number, index, first, last)
+                    first = last + 1
+        finally:
+            await _aclose(indices)
 
     async def _fetch(self, run: _Run) -> _Fetched:
         streams = await self.store.grains(self.manifest, run.number, run.index, run.first, run.last)
