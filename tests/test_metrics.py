@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -98,3 +100,40 @@ def test_daemon_metrics_endpoint_passes_promtool(tmp_path: Path) -> None:
         assert daemon.stop()[0] == 0
     finally:
         daemon.kill()
+
+
+DASHBOARD = Path(__file__).resolve().parents[1] / "systemd" / "grafana-dashboard.json"
+
+
+def dashboard_queries() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    assert queries
+    return queries
+
+
+def as_promql(query: str) -> str:
+    """A dashboard query with Grafana's variables replaced as Grafana would before sending it."""
+    return (query.replace("$__rate_interval", "5m").replace("$__range", "6h")
+            .replace('"$instance"', '"127.0.0.1:8080"'))
+
+
+def test_dashboard_reads_only_metrics_that_exist() -> None:
+    exercise_every_metric()
+    exposed = {sample.name for family in text_string_to_metric_families(metrics.exposition().decode())
+               for sample in family.samples}
+    for query in dashboard_queries():
+        for name in re.findall(r"\b((?:vmied|process)_[a-z_]+)\b", query):
+            assert name in exposed, (name, query)
+
+
+@needs_promtool
+def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"vmied:dashboard_query_{index}", "expr": as_promql(query)}
+        for index, query in enumerate(dashboard_queries())]}]}
+    path = tmp_path / "rules.yml"
+    path.write_text(json.dumps(rules))  # JSON is YAML
+    assert PROMTOOL is not None
+    checked = subprocess.run([PROMTOOL, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
