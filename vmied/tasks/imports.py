@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import metrics
-from ..errors import UnsupportedImage, VmiedError
+from ..errors import Cancelled, UnsupportedImage, VmiedError
 from ..formats import detect, reader_class
 from ..formats.base import Reader
 from ..formats.ova import Appliance, OvaReader, open_appliance
@@ -177,10 +177,11 @@ async def validate(context: TaskContext) -> Plan:
         for number, container in enumerate(context.task.params["DiskContainers"]):
             context.check()
             await plan_container(context, plan, number, container)
+    except Cancelled:
+        await plan.close()
+        raise
     except VmiedError as exc:
         await plan.close()
-        if isinstance(exc, TaskFailed):
-            raise
         raise TaskFailed(f"ClientError: Disk validation failed [{exc.message}]") from exc
     except BaseException:
         await plan.close()
