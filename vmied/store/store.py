@@ -71,7 +71,6 @@ from .objects import PARTIAL_MARK, Objects
 
 log = logging.getLogger(__name__)
 MiB = 1 << 20
-GiB = 1 << 30
 TiB = 1 << 40
 #: Virtual bytes of data handed to one encode job.
 BATCH_BYTES = 2 * MiB
@@ -130,8 +129,11 @@ class Encoded:
     plain: list[Buffer | int]  # for the digest, in order: bytes, or a count of zero bytes
 
 
-def encode_batch(extents: list[Extent], virtual_size: int) -> Encoded:
-    """Worker job: the stored grains of grain-aligned ZERO / DATA / DEFLATED (64 KiB) extents."""
+def encode_batch(extents: list[Extent], keep_plain: bool) -> Encoded:
+    """Worker job: the stored grains of grain-aligned ZERO / DATA / DEFLATED (64 KiB) extents.
+
+    ``keep_plain``: also hand back the plain bytes, for the digest.
+    """
     out = Encoded(extents[-1].end, [], [])
     for extent in extents:
         first = extent.offset // GRAIN_SIZE
@@ -148,7 +150,8 @@ def encode_batch(extents: list[Extent], virtual_size: int) -> Encoded:
                     _store(out, first + number, codec.deflate(grain))
         else:
             plains = codec.inflate_grains(extent.grains, GRAIN_SIZE, extent.length)  # verifies every grain
-            out.plain.extend(plains)
+            if keep_plain:
+                out.plain.extend(plains)
             for number, (stream, plain) in enumerate(zip(extent.grains, plains, strict=True)):
                 if is_zero(plain):
                     continue
@@ -534,7 +537,7 @@ class _SnapshotWriter:
         passable = self._passable(source)
         stream = aligned(passable, GRAIN_SIZE)
         batches = _batches(stream)
-        encoded_batches = ordered_map(lambda batch: workers.run(encode_batch, batch, self.virtual_size), batches,
+        encoded_batches = ordered_map(lambda batch: workers.run(encode_batch, batch, digest is not None), batches,
                                       self.options.depth)
         try:
             async for encoded in encoded_batches:
