@@ -264,3 +264,27 @@ async def test_status_summary_and_task_gauge(tmp_path: Path, moto: S3Server, ima
         assert metrics.TASKS.labels(IMPORT_SNAPSHOT, ACTIVE)._value.get() == 0
     finally:
         await service.stop(5)
+
+
+async def test_cancel_during_validation_ends_with_the_reason(tmp_path: Path, moto: S3Server,
+                                                             images: dict[str, Path]) -> None:
+    from tests.daemon import HeldServer
+
+    upload(moto, images["vmdk2"], "two.vmdk")
+    held = HeldServer(images["vmdk2"])
+    service = await Service.start(service_config(tmp_path, moto))
+    try:
+        task, _ = await service.submit(new_task(IMPORT_IMAGE, [{"Url": held.url}, container("two.vmdk")]))
+        deadline = time.monotonic() + 30
+        while held.held == 0:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        live = await service.get_task(task.id)
+        assert live is not None and live.status_message == "validating"
+        await service.cancel(live, "changed my mind")
+        held.release()
+        done = await finished(service, task.id)
+        assert (done.state, done.status_message) == (DELETED, "changed my mind")
+    finally:
+        held.close()
+        await service.stop(5)
