@@ -13,6 +13,7 @@ command -v gcc >/dev/null || need+=(gcc)
 # The daemon's checks: promtool lints /metrics, systemd-analyze verifies the units.
 command -v promtool >/dev/null || need+=(prometheus)
 command -v systemd-analyze >/dev/null || need+=(systemd)
+command -v chromium >/dev/null || need+=(chromium)  # the status page test renders / headless
 command -v pip3 >/dev/null || python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 python3 -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))' \
   || need+=(python3-dev)

@@ -40,6 +40,15 @@ def human_seconds(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
+def _bytes(done: float | None, total: float | None) -> str:
+    """Bytes done of the total; a dash until the conversion has reported any."""
+    return "&ndash;" if done is None and total is None else f"{human_bytes(done)} / {human_bytes(total)}"
+
+
+def _eta(seconds: float | None) -> str:
+    return "&ndash;" if seconds is None else human_seconds(seconds)
+
+
 def _counts(counts: dict[str, dict[str, int]]) -> str:
     if not counts:
         return '<p class="muted">No tasks yet.</p>'
@@ -62,8 +71,7 @@ def _running(tasks: list[dict[str, Any]]) -> str:
             f"<tr><td>{escape(str(task.get('task_id', '')))}</td><td>{escape(str(task.get('kind', '')))}</td>"
             f"<td>{escape(str(task.get('status_message', '')))}</td>"
             f'<td><progress max="100" value="{percent:.0f}"></progress> {percent:.0f}%</td>'
-            f"<td>{human_bytes(done)} / {human_bytes(total)}</td>"
-            f"<td>{human_seconds(task.get('eta_seconds'))}</td></tr>")
+            f"<td>{_bytes(done, total)}</td><td>{_eta(task.get('eta_seconds'))}</td></tr>")
     return ('<table id="running"><tr><th>task</th><th>kind</th><th>phase</th><th>progress</th><th>bytes</th>'
             f"<th>ETA</th></tr>{''.join(rows)}</table>")
 
