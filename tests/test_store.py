@@ -19,6 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.faultproxy import Fault, fault_proxy
 from tests.helpers import qemu_img
 from tests.s3server import (  # noqa: F401  (fixtures)
     BUCKET,
@@ -750,6 +751,29 @@ async def test_open_store_from_configuration(tmp_path: Path, moto: S3Server, wor
     store = await open_store(bare, workers)  # only the attributes the contract names
     assert store.options.pack_size == MiB
     await store.close()
+
+
+STORE_FAULTS = [Fault("503", "GET", 2), Fault("reset", "GET", 5), Fault("truncate", "GET", 9),
+                Fault("slowdown", "PUT", 1), Fault("500", "PUT", 4), Fault("drop", "PUT", 6),
+                Fault("503", "HEAD", 2), Fault("500", "POST", 1)]
+
+
+async def test_store_rides_out_s3_faults(moto: S3Server, tmp_path: Path, workers: Workers) -> None:
+    """Errors, resets and cut bodies on every kind of request are retried by vmied's S3 retry policy."""
+    rng = random.Random(41)
+    disk = random_disk(rng, 3 * MiB, pieces=30)
+    with fault_proxy(moto.endpoint, STORE_FAULTS) as proxy:
+        config = moto.config(proxy.endpoint, part_size=MIN_PART, parts_in_flight=2, retry=fast_retries())
+        store = SnapshotStore(await S3Objects.open(config, BUCKET, PREFIX), workers,
+                              StoreOptions(pack_size=128 * 1024))
+        await store.write("snap-t", stream(extent_plan(disk, rng)), len(disk))
+        assert await read_back(store, "snap-t") == disk
+        assert await store.read("snap-t", 12345, 300000) == disk[12345:312345]
+        await store.delete("snap-t")
+        await store.close()
+    assert sorted(proxy.fired) == sorted(f"{f.method}#{f.nth}:{f.kind}" for f in STORE_FAULTS), proxy.fired
+    assert store.objects.retrier.records  # type: ignore[attr-defined]
+    assert Backend("moto", tmp_path, moto).listing() == []
 
 
 async def test_round_trip_on_seaweedfs(seaweed: S3Server, tmp_path: Path, workers: Workers) -> None:
