@@ -75,6 +75,8 @@ async def test_import_snapshot_stores_the_disk(tmp_path: Path, moto: S3Server, i
         converting = done.phase_bytes["downloading/converting"]
         assert converting["position"] == DISK and converting["virtual"] == DISK and converting["read"] > 0
         assert converting["written"] == record.stored_bytes
+        assert 0 < done.phase_bytes["validating"]["read"] < images["vmdk1"].stat().st_size  # metadata only
+        assert done.phase_bytes["validating"]["virtual"] == DISK
     finally:
         await service.stop(5)
 

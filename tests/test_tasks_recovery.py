@@ -113,6 +113,10 @@ async def test_finished_tasks_leave_the_listing_after_the_retention(tmp_path: Pa
         recent = await catalog.list_tasks([IMPORT_IMAGE], finished_after=time.time() - 7 * 86400)
         assert [task.id for task in recent] == [fresh.id]
         assert [task.id for task in await catalog.list_tasks([IMPORT_IMAGE], ids=[old.id])] == [old.id]
+        await catalog.set_tags([Tag(old.id, "import-image-task", "k", "v")])
+        assert await catalog.purge_tasks(time.time() - 7 * 86400) == 1
+        assert [task.id for task in await catalog.list_tasks([IMPORT_IMAGE])] == [fresh.id]
+        assert await catalog.list_tags() == []
     finally:
         await catalog.close()
 

@@ -433,6 +433,20 @@ class Catalog:
 
         return await self.db.run(select)
 
+    async def purge_tasks(self, finished_before: float) -> int:
+        """Forget tasks that ended before ``finished_before`` (and their tags); how many went."""
+
+        def purge(conn: sqlite3.Connection) -> int:
+            old = [row[0] for row in conn.execute("SELECT id FROM tasks WHERE finished IS NOT NULL AND finished < ?",
+                                                  (finished_before,))]
+            for start in range(0, len(old), 500):
+                chunk = old[start:start + 500]
+                conn.execute(f"DELETE FROM tags WHERE resource_id IN ({_placeholders(chunk)})", chunk)
+                conn.execute(f"DELETE FROM tasks WHERE id IN ({_placeholders(chunk)})", chunk)
+            return len(old)
+
+        return await self.db.run(purge)
+
     async def count_tasks(self) -> dict[tuple[str, str], int]:
         def count(conn: sqlite3.Connection) -> dict[tuple[str, str], int]:
             return {(row[0], row[1]): row[2]

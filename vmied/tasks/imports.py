@@ -288,6 +288,8 @@ async def run_import(context: TaskContext) -> None:
     await context.phase("validating", 3)
     plan = await validate(context)
     try:
+        context.report(3, read=sum(source.bytes_read for source in plan.sources),
+                       virtual=sum(disk.virtual_size for disk in plan.disks))
         describe_disks(context, plan)
         task.result.update({key: value for key, value in defaults.items() if image_task})
         await context.phase("validated", 6 if image_task else 5)

@@ -62,6 +62,9 @@ class Service:
             workers.close()
             raise
         service = cls(config, catalog, store, workers)
+        purged = await catalog.purge_tasks(time.time() - 2 * RETENTION)  # Describe shows 7 days; keep 14
+        if purged:
+            log.info("forgot %d tasks that ended more than %d days ago", purged, 2 * RETENTION // 86400)
         unfinished = await catalog.list_tasks(KINDS, states=(ACTIVE, DELETING))
         await store.collect_garbage(await catalog.snapshot_ids())
         await service.engine.recover(unfinished)
