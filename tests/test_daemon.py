@@ -454,3 +454,26 @@ def test_tasks_table_shows_bytes_and_eta() -> None:
     assert lines[1].split() == ["import-ami-0123456789abcdef0", "import-image", "active", "converting", "42%",
                                 "1.5", "GiB/4.0", "GiB", "1h02m"]
     assert lines[2].split() == ["import-snap-0123456789abcdef0", "import-snapshot", "completed", "-", "-", "-", "-"]
+
+
+def test_sigterm_during_a_running_import_stops_within_the_grace_period(daemon: Daemon, tmp_path: Path) -> None:
+    daemon.start()
+    vmdk = make_vmdk(make_raw(tmp_path / "disk.raw", 4 * MiB, 6), tmp_path / "disk.vmdk")
+    held = HeldServer(vmdk, hold_above=64 * 1024)  # the import stays in its conversion until the test ends
+    try:
+        daemon.ec2().import_snapshot(DiskContainer={"Format": "VMDK", "Url": held.url})
+        deadline = time.monotonic() + 30
+        while not held.held:
+            assert time.monotonic() < deadline, daemon.log_text()
+            time.sleep(0.05)
+        assert daemon.process is not None
+        began = time.monotonic()
+        daemon.process.send_signal(signal.SIGTERM)
+        daemon.wait_log(lambda line: line["msg"] == "stopping")
+        status, body = get(daemon.url + "/readyz")
+        assert (status, json.loads(body)["status"]) == (503, "stopping")  # still answering, taking no work
+        assert daemon.process.wait(GRACE + 15) == 0
+        took = time.monotonic() - began
+        assert GRACE - 0.5 <= took < GRACE + 10  # the task had its grace period, then was checkpointed
+    finally:
+        held.close()
