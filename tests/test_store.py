@@ -7,6 +7,8 @@ import asyncio
 import hashlib
 import os
 import random
+import signal
+import sys
 import tracemalloc
 import zlib
 from collections.abc import AsyncIterator, Iterator
@@ -698,6 +700,60 @@ async def test_collect_garbage(backend: Backend, workers: Workers) -> None:
     assert stat.stored_bytes == sum(len(backend.read_object(key)) for key in left if key.startswith("keep-me/"))
     await store.delete("keep-me")
     assert REGISTRY.get_sample_value("vmied_store_bytes") == 0
+    await store.close()
+
+
+CRASHING_WRITER = """
+import asyncio, random, sys
+from vmied.extents import Extent
+from vmied.io.retry import RetryPolicy
+from vmied.io.s3 import S3Config
+from vmied.pipeline import Workers
+from vmied.store import LocalObjects, S3Objects, SnapshotStore, StoreOptions
+
+async def main(where):
+    if where.startswith("http"):
+        config = S3Config(profile="moto", region="us-east-1", endpoint_url=where, path_style=True,
+                          part_size=5 << 20, retry=RetryPolicy(attempts=2))
+        objects, pack = await S3Objects.open(config, sys.argv[2], sys.argv[3]), 64 << 20
+    else:
+        objects, pack = await LocalObjects.open(where), 256 << 10
+    rng = random.Random(1)
+
+    async def endless():
+        for at in range(0, 1 << 40, 1 << 20):
+            await asyncio.sleep(0.01)
+            yield Extent.of_data(at, rng.randbytes(1 << 20))
+
+    with Workers(2) as workers:
+        await SnapshotStore(objects, workers, StoreOptions(pack_size=pack)).write("crash", endless(), 1 << 40)
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+async def test_garbage_collection_after_a_killed_writer(backend: Backend, workers: Workers) -> None:
+    """SIGKILL in the middle of a write (packs committed, a pack or a multipart upload open), then the start-up GC."""
+    where = [str(backend.root)] if backend.server is None else [backend.server.endpoint, BUCKET, PREFIX]
+    process = await asyncio.create_subprocess_exec(sys.executable, "-c", CRASHING_WRITER, *where,
+                                                   stderr=asyncio.subprocess.PIPE)
+    try:
+        for _ in range(300):
+            left = backend.listing()
+            if (backend.server is None and len(left) > 2) or any(key.startswith("upload:") for key in left):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError(f"the writer left nothing to collect: {left}")
+    finally:
+        process.kill()
+        _, stderr = await process.communicate()
+    assert process.returncode == -signal.SIGKILL, stderr.decode()
+    assert not any(key.endswith("/manifest") for key in backend.listing())
+    store = await backend.store(workers)
+    assert await store.snapshots() == []
+    removed = await store.collect_garbage(set())
+    assert removed and backend.listing() == []
     await store.close()
 
 
