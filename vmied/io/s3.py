@@ -28,7 +28,7 @@ import asyncio
 import base64
 import hashlib
 import posixpath
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -272,6 +272,13 @@ class S3Sink(Sink):
         self._etags: dict[int, str] = {}  # part number -> ETag
         self._upload_id: str | None = None
         self._object_written = False  # a PUT or a completion may have made the object visible
+        #: resumable mode: parts an earlier attempt uploaded (number -> (ETag, size)), checked by ListParts
+        self._done_before: dict[int, tuple[str, int]] = {}
+        #: called with the upload id once the multipart upload exists (awaited before any part is sent)
+        self.on_upload: Callable[[str], Awaitable[None]] | None = None
+        #: called with (part number, ETag, size) after each part is uploaded
+        self.on_part: Callable[[int, str, int], None] | None = None
+        self.parts_skipped = 0
 
     @classmethod
     async def create(cls, location: S3Location, config: S3Config, expected_size: int | None = None) -> S3Sink:
@@ -282,6 +289,43 @@ class S3Sink(Sink):
     @property
     def retries(self) -> list[Any]:
         return self.retrier.records
+
+    @property
+    def upload_id(self) -> str | None:
+        return self._upload_id
+
+    async def resume(self, upload_id: str, parts: Mapping[int, tuple[str, int]], part_base: int) -> bool:
+        """Continue an interrupted multipart upload instead of starting a new one (resumable mode).
+
+        The writer must produce the same bytes as the interrupted attempt: a part listed in ``parts``
+        whose size and ETag ListParts confirms, and whose recomputed MD5 matches that ETag, is not
+        sent again; any other part is (re)uploaded. ``part_base`` must be the interrupted attempt's
+        :attr:`part_base`. Returns False (and starts afresh) when the upload no longer exists.
+        """
+        listed: dict[int, tuple[str, int]] = {}
+        marker = 0
+
+        def list_parts(after: int) -> Callable[[], Awaitable[Any]]:
+            return lambda: self._client.list_parts(Bucket=self.location.bucket, Key=self.location.key,
+                                                   UploadId=upload_id, PartNumberMarker=after)
+
+        try:
+            while True:
+                page = await self._request("s3:ListMultipartUploadParts", "ListParts", list_parts(marker))
+                for part in page.get("Parts", []):
+                    listed[int(part["PartNumber"])] = (str(part["ETag"]), int(part["Size"]))
+                if not page.get("IsTruncated"):
+                    break
+                marker = int(page["NextPartNumberMarker"])
+        except StorageError as exc:
+            if exc.reason == "s3.not_found":  # aborted or expired meanwhile: start over
+                return False
+            raise
+        self._upload_id = upload_id
+        self.part_base = part_base
+        self._done_before = {number: listed[number] for number, (etag, size) in parts.items()
+                             if listed.get(number) == (etag, size)}
+        return True
 
     async def _request(self, action: str, what: str, call: Callable[[], Awaitable[T]]) -> T:
         return await self.retrier.run(lambda: s3_call(self.location, action, call), f"{what} {self.location}")
@@ -333,6 +377,8 @@ class S3Sink(Sink):
     async def _upload(self, index: int, data: bytearray) -> None:
         """Start uploading part ``index`` once a slot is free (the writer waits: back pressure)."""
         self._raise_failed()
+        if await self._uploaded_before(index + 1, data):
+            return
         await self._slots.acquire()
         try:
             if self._upload_id is None:
@@ -341,11 +387,30 @@ class S3Sink(Sink):
                     lambda: self._client.create_multipart_upload(Bucket=self.location.bucket,
                                                                  Key=self.location.key))
                 self._upload_id = str(created["UploadId"])
+                if self.on_upload is not None:
+                    await self.on_upload(self._upload_id)
         except BaseException:
             self._slots.release()
             raise
         task = asyncio.ensure_future(self._upload_part(index + 1, data))
         self._tasks.add(task)
+
+    async def _uploaded_before(self, number: int, data: bytearray) -> bool:
+        """Resumable mode: whether an earlier attempt uploaded exactly these bytes as part ``number``."""
+        earlier = self._done_before.pop(number, None)
+        if earlier is None:
+            return False
+        etag, size = earlier
+        if size != len(data):
+            return False
+        plain = etag.strip('"').lower()
+        if len(plain) == 32 and all(c in "0123456789abcdef" for c in plain):  # a plain MD5 ETag: compare
+            digest = await asyncio.to_thread(lambda: hashlib.md5(data, usedforsecurity=False).hexdigest())
+            if digest != plain:
+                return False
+        self._etags[number] = etag
+        self.parts_skipped += 1
+        return True
 
     async def _upload_part(self, number: int, data: bytearray) -> None:
         try:
@@ -356,6 +421,8 @@ class S3Sink(Sink):
                                                  UploadId=self._upload_id, PartNumber=number,
                                                  Body=data, ContentMD5=md5))
             self._etags[number] = str(response["ETag"])
+            if self.on_part is not None:
+                self.on_part(number, self._etags[number], len(data))
         finally:
             self._slots.release()
 
@@ -408,6 +475,18 @@ class S3Sink(Sink):
         if int(head["ContentLength"]) != size:
             raise StorageError(f"{self.location}: uploaded {size} bytes but the object holds "
                                f"{head['ContentLength']}", reason="s3.size")
+
+    async def detach(self) -> None:
+        """Stop the uploads in flight and let go, keeping the multipart upload for :meth:`resume`."""
+        try:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._tasks.clear()
+        finally:
+            self._part = bytearray()
+            self._held.clear()
+            await self._stack.aclose()
 
     async def abort(self) -> None:
         """Stop the uploads in flight, abort the multipart upload, and remove an object this sink wrote."""
