@@ -29,7 +29,7 @@ import os
 import re
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -592,11 +592,15 @@ async def write_appliance(
     workers: Workers,
     hardware: ovf.Hardware | None = None,
     adapter_type: str = "lsilogic",
+    *,
+    mtime: int | None = None,
+    disk_options: Mapping[str, str] | None = None,
 ) -> None:
     """Write an OVA (OVF 1.0, SHA256 manifest, one streamOptimized VMDK per disk; boot disk first).
 
     ``disks`` are ``(file name, virtual size, extent stream)``; the streams are consumed in order.
-    The caller commits or aborts the sink.
+    ``mtime`` (tar member times, default now) and ``disk_options`` (more VMDK writer options, e.g.
+    ``cid``) make the output reproducible. The caller commits or aborts the sink.
     """
     from .vmdk import VmdkWriter  # the registry imports this module
 
@@ -604,7 +608,7 @@ async def write_appliance(
     hrefs = [ovf.check_href(name) for name, _, _ in disks]
     if len(set(hrefs)) != len(hrefs) or not hrefs:
         raise ValueError("an appliance needs one or more disks with distinct file names")
-    mtime, stem = int(time.time()), appliance_name(hardware.name)
+    mtime, stem = int(time.time()) if mtime is None else mtime, appliance_name(hardware.name)
     ovf_name, mf_name = f"{stem}.ovf", f"{stem}.mf"
     room = descriptor_room(hardware, hrefs, [size for _, size, _ in disks])
     await sink.write(tar_header(ovf_name, room, mtime))
@@ -618,7 +622,8 @@ async def write_appliance(
         header_slot = await sink.reserve(BLOCK)
         member = MemberSink(sink, href, workers)
         await VmdkWriter(
-            member, virtual_size, {"subformat": "streamOptimized", "adapter_type": adapter_type}, workers
+            member, virtual_size,
+            {**(disk_options or {}), "subformat": "streamOptimized", "adapter_type": adapter_type}, workers
         ).write(extents)
         await member.commit()
         await sink.fill(header_slot, tar_header(href, member.position, mtime))

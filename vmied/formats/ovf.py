@@ -539,6 +539,7 @@ class Hardware:
     os_type: str = "otherGuest64"  # vmw:osType
     os_cim_id: int = 102  # CIM "Other 64-Bit"
     controller: str = "lsilogic"  # "lsilogic" (SCSI) or "PIIX4" (IDE)
+    system_type: str = "vmx-10"  # vssd:VirtualSystemType: the hypervisor family the appliance is for
 
 
 VMDK_STREAM_URI = "http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"
@@ -670,7 +671,7 @@ xmlns:vssd="{NS_VSSD}" xmlns:vmw="{NS_VMW}" xmlns:xsi="{NS_XSI}">
         <vssd:ElementName>Virtual Hardware Family</vssd:ElementName>
         <vssd:InstanceID>0</vssd:InstanceID>
         <vssd:VirtualSystemIdentifier>{name}</vssd:VirtualSystemIdentifier>
-        <vssd:VirtualSystemType>vmx-10</vssd:VirtualSystemType>
+        <vssd:VirtualSystemType>{escape(hardware.system_type)}</vssd:VirtualSystemType>
       </System>
 {"".join(items)}    </VirtualHardwareSection>
   </VirtualSystem>

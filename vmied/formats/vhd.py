@@ -458,6 +458,8 @@ class VhdWriter(Writer):
     options: ClassVar[Mapping[str, tuple[str, ...] | None]] = {
         "subformat": ("dynamic", "fixed"),
         "round_to_mib": ("on", "off"),
+        "uuid": None,  # the footer's unique id; random if not given
+        "timestamp": None,  # the footer's creation time (Unix seconds); now if not given
     }
 
     async def write(self, extents: AsyncIterator[Extent]) -> None:
@@ -466,7 +468,7 @@ class VhdWriter(Writer):
         if not fixed and size > MAX_DYNAMIC_SIZE:
             raise UsageError(f"a dynamic VHD holds at most 2040 GiB; this disk is {size} bytes "
                              "(use -o subformat=fixed or another format)")
-        when, disk_uuid = time.time(), uuid.uuid4().bytes
+        when, disk_uuid = self._identity()
         if fixed:
             await RawWriter(self.sink, self.virtual_size, {}, self.workers).write(extents)
             await self.sink.skip(size - self.virtual_size)
@@ -474,6 +476,15 @@ class VhdWriter(Writer):
             return
         footer = build_footer(size, DISK_DYNAMIC, SECTOR, when, disk_uuid)
         await self._write_dynamic(extents, size, footer)
+
+    def _identity(self) -> tuple[float, bytes]:
+        """Creation time and unique id: given (a resumed export writes the same bytes again) or fresh."""
+        try:
+            when = float(self.opts["timestamp"]) if "timestamp" in self.opts else time.time()
+            disk_uuid = uuid.UUID(self.opts["uuid"]).bytes if "uuid" in self.opts else uuid.uuid4().bytes
+        except ValueError as exc:
+            raise UsageError(f"vhd options uuid/timestamp: {exc}") from None
+        return when, disk_uuid
 
     async def _write_dynamic(self, extents: AsyncIterator[Extent], size: int, footer: bytes) -> None:
         """Footer copy, header, BAT (a placeholder, filled at the end), blocks, footer.

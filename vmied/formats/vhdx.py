@@ -678,7 +678,8 @@ class VhdxWriter(Writer):
     """Dynamic VHDX: fixed structures at 0-3 MiB, BAT placeholder at 3 MiB, blocks in disk order."""
 
     format = "vhdx"
-    options: ClassVar[Mapping[str, tuple[str, ...] | None]] = {"block_size": None}
+    #: ``uuid`` (page 83 id) and ``write_guid``: random unless given (a resumed export writes the same bytes)
+    options: ClassVar[Mapping[str, tuple[str, ...] | None]] = {"block_size": None, "uuid": None, "write_guid": None}
 
     async def write(self, extents: AsyncIterator[Extent]) -> None:
         block_size = parse_block_size(self.opts.get("block_size", str(DEFAULT_BLOCK)))
@@ -690,7 +691,7 @@ class VhdxWriter(Writer):
         if bat_bytes > MAX_BAT_BYTES:
             raise UsageError(f"a {size}-byte disk needs a {bat_bytes}-byte BAT: choose a larger block_size")
         bat_length = max(MiB, -(-bat_bytes // MiB) * MiB)
-        write_guid = uuid.uuid4().bytes
+        write_guid, page83 = self._guid("write_guid"), self._guid("uuid")
         sink = self.sink
         await sink.write(build_identifier())
         await sink.write(build_header(1, write_guid).ljust(64 * KiB, b"\0"))
@@ -698,7 +699,7 @@ class VhdxWriter(Writer):
         table = build_region_table(bat_length)
         await sink.write(table + table)
         await sink.skip(LOG_OFFSET + LOG_LENGTH - sink.position)  # reserved area and an empty log
-        await sink.write(build_metadata(meta, uuid.uuid4().bytes))
+        await sink.write(build_metadata(meta, page83))
         placeholder = await sink.reserve(bat_length)
         bat = array("Q", bytes(bat_length))
 
@@ -715,3 +716,11 @@ class VhdxWriter(Writer):
         if sys.byteorder == "big":
             bat.byteswap()
         await sink.fill(placeholder, bat.tobytes())
+
+    def _guid(self, name: str) -> bytes:
+        if name not in self.opts:
+            return uuid.uuid4().bytes
+        try:
+            return uuid.UUID(self.opts[name]).bytes_le
+        except ValueError:
+            raise UsageError(f"vhdx option {name}={self.opts[name]!r} is not a GUID") from None

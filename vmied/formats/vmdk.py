@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .. import codec
-from ..errors import CorruptImage, UnsupportedImage
+from ..errors import CorruptImage, UnsupportedImage, UsageError
 from ..extents import Buffer, Extent, Kind, aligned
 from ..fastio import is_zero, scan_grain_markers, zero_grains
 from ..io.base import MiB, Sink, Source
@@ -558,6 +558,7 @@ class VmdkWriter(Writer):
         "subformat": ("streamOptimized", "monolithicSparse"),
         "adapter_type": ("ide", "lsilogic", "buslogic", "legacyESX"),
         "hwversion": None,
+        "cid": None,  # the descriptor's content id (8 hex digits); random if not given
     }
 
     async def write(self, extents: AsyncIterator[Extent]) -> None:
@@ -565,7 +566,7 @@ class VmdkWriter(Writer):
         grain_bytes = GRAIN_SECTORS * SECTOR
         capacity = -(-self.virtual_size // SECTOR)
         descriptor = desc.render(subformat, capacity, os.path.basename(self.sink.name) or "disk.vmdk",
-                                 cid=int.from_bytes(os.urandom(4), "little") | 1,
+                                 cid=self._content_id(),
                                  adapter=self.opts.get("adapter_type", "lsilogic"),
                                  hw_version=self.opts.get("hwversion", "4"))
         if len(descriptor) > DESCRIPTOR_SECTORS * SECTOR:
@@ -575,6 +576,19 @@ class VmdkWriter(Writer):
             await _StreamWriter(self.sink, layout, descriptor).write(self._compressed_grains(extents, grain_bytes))
         else:
             await _SparseWriter(self.sink, layout, descriptor).write(self._plain_grains(extents, grain_bytes))
+
+    def _content_id(self) -> int:
+        """A given ``cid`` (a resumed export must write the same bytes again), else a random one."""
+        given = self.opts.get("cid")
+        if given is None:
+            return int.from_bytes(os.urandom(4), "little") | 1
+        try:
+            cid = int(given, 16)
+        except ValueError:
+            cid = -1
+        if not 0 < cid <= 0xFFFFFFFF:
+            raise UsageError(f"vmdk option cid={given!r}: give 1 to 8 hex digits, not zero")
+        return cid
 
     async def _compressed_grains(self, extents: AsyncIterator[Extent], grain_bytes: int
                                  ) -> AsyncIterator[tuple[int, list[Record | None]]]:
