@@ -477,3 +477,14 @@ def test_sigterm_during_a_running_import_stops_within_the_grace_period(daemon: D
         assert GRACE - 0.5 <= took < GRACE + 10  # the task had its grace period, then was checkpointed
     finally:
         held.close()
+
+
+def test_an_unusable_state_directory_stops_the_start_with_its_reason(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("not a directory")
+    daemon = Daemon(tmp_path)
+    daemon.config_path.write_text(daemon.config_path.read_text().replace(
+        f'directory = "{daemon.state}"', f'directory = "{tmp_path / "a-file" / "state"}"'))
+    started = subprocess.run([sys.executable, "-m", "vmied", "serve", "--config", str(daemon.config_path)],
+                             capture_output=True, text=True, env=daemon.env(), timeout=60)
+    assert started.returncode == 4, started.stderr
+    assert "a-file/state: Not a directory" in started.stderr and "Traceback" not in started.stderr

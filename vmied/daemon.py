@@ -35,7 +35,7 @@ from aiohttp import web
 from . import __version__, metrics, systemd
 from .api.app import make_ec2_app, reconfigure_ec2_app
 from .config import Config, Credential, load_config, render, split_address
-from .errors import UsageError, VmiedError
+from .errors import StorageError, UsageError, VmiedError
 from .log import setup_logging
 from .tasks.service import Service
 
@@ -166,11 +166,12 @@ class Daemon:
         self.service = await Service.start(self.config)
         try:
             await self.listen()
-            self.ready = True
-            metrics.READY.set(1)
+            self.ready = not self.stopping.is_set()  # a SIGTERM during the start: straight to the stop
+            metrics.READY.set(int(self.ready))
             status = f"serving on {', '.join(self.addresses)}"
-            systemd.notify("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
-            log.info("ready", extra={"listen": self.addresses, "version": __version__})
+            if self.ready:
+                systemd.notify("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
+                log.info("ready", extra={"listen": self.addresses, "version": __version__})
             watchdog = asyncio.create_task(self.watchdog())
             await self.stopping.wait()
             watchdog.cancel()
@@ -180,8 +181,13 @@ class Daemon:
 
     @staticmethod
     def prepare_state(config: Config) -> Config:
-        os.makedirs(config.state.directory, mode=0o700, exist_ok=True)
-        return with_credentials(config)
+        """The state directory made and the access key in place (generated and written on first start)."""
+        try:
+            os.makedirs(config.state.directory, mode=0o700, exist_ok=True)
+            return with_credentials(config)
+        except OSError as exc:
+            raise StorageError(f"{exc.filename or config.state.directory}: {exc.strerror or exc}",
+                               reason="state.io") from None
 
     def application(self) -> web.Application:
         app = make_ec2_app(self.config, self.service, status_page=self.status_page)
