@@ -170,7 +170,7 @@ def test_scalars_decode_by_model_type() -> None:
     ("ImportImage", "ClientData.UploadSize=1_000", "ClientData.UploadSize"),
     ("ImportImage", "ClientData.UploadStart=yesterday", "ClientData.UploadStart"),
     ("ImportImage", "BootMode=bios", "BootMode"),
-    ("ExportImage", "ImageId=ami-1&S3ExportLocation.S3Bucket=b&DiskImageFormat=qcow2", "DiskImageFormat"),
+    ("ExportImage", "ImageId=ami-1&S3ExportLocation.S3Bucket=b&DiskImageFormat=vdi", "DiskImageFormat"),
     ("ImportImage", "Description=a%00b", "Description"),
 ])
 def test_bad_values_are_invalid_parameter_value(action: str, body: str, where: str) -> None:

@@ -45,6 +45,9 @@ _LIST_INDEX = re.compile(r"[1-9][0-9]{0,8}")
 # Characters XML 1.0 cannot carry at all (not even as references).
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udfff]")
 _ENUMS_SHOWN = 20
+#: Values vmied accepts beyond a model enum (by shape name): export formats AWS does not offer.
+#: botocore and the CLI do not check enums in requests, so clients can send them.
+EXTRA_ENUM_VALUES: dict[str, tuple[str, ...]] = {"DiskImageFormat": ("VHDX", "QCOW2")}
 
 
 @cache
@@ -199,7 +202,7 @@ def _decode_string(shape: Any, key: str, text: str) -> str:
     if length < shape.metadata.get("min", 0) or length > shape.metadata.get("max", length):
         raise invalid_value(key, text, f"Its length must be between {shape.metadata.get('min', 0)} "
                                        f"and {shape.metadata.get('max', 'any')}.")
-    enum = shape.enum
+    enum = [*shape.enum, *EXTRA_ENUM_VALUES.get(shape.name, ())] if shape.enum else []
     if enum and text.lower() not in {value.lower() for value in enum}:
         shown = ", ".join(enum[:_ENUMS_SHOWN]) + (", ..." if len(enum) > _ENUMS_SHOWN else "")
         raise invalid_value(key, text, f"Valid values: {shown}.")
