@@ -1,0 +1,529 @@
+"""Export through the real daemon process with real clients: the AWS CLI (the guide's commands plus
+--endpoint-url) and boto3 with its waiters; outputs fetched from a real S3 server (moto) on 127.0.0.1
+and checked with qemu-img against the disk that was imported."""
+# ruff: noqa: F811  (the server fixtures are imported from tests.s3server)
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+import pytest
+from aiohttp import web
+from botocore.exceptions import ClientError
+
+from tests.daemon import DaemonProcess, HeldServer, make_raw, make_vmdk, upload, wait_for_task
+from tests.faultproxy import FaultProxy
+from tests.helpers import MiB, qemu_img
+from tests.s3server import BUCKET, S3Server, aws_files, moto_server  # noqa: F401  (fixtures)
+
+EXPORT_BUCKET = "vmied-exports"
+DENIED_BUCKET = "not-for-vmimport"
+#: qemu-img's name of each exported format, and whether ``qemu-img check`` reads it.
+QEMU_FORMATS = {"vmdk": ("vmdk", True), "vhd": ("vpc", False), "raw": ("raw", False), "vhdx": ("vhdx", True),
+                "qcow2": ("qcow2", True)}
+FAST_WAITER = {"Delay": 1, "MaxAttempts": 90}
+
+
+def configure(daemon: DaemonProcess, **limits: int) -> None:
+    """Add ``[limits]`` and ``[role]`` settings to the daemon's configuration file (before start)."""
+    text = daemon.config_path.read_text()
+    settings = "".join(f"{key} = {value}\n" for key, value in limits.items())
+    text = text.replace("[limits]\n", f"[limits]\n{settings}", 1)
+    text = text.replace("[role]\n", f'[role]\nwrite_buckets = ["{BUCKET}", "{EXPORT_BUCKET}"]\n', 1)
+    daemon.config_path.write_text(text)
+
+
+def aws(daemon: DaemonProcess, home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """``aws ec2 ...`` (pip awscli) against the daemon with a ``vmied`` profile; JSON output."""
+    result = subprocess.run([sys.executable, "-m", "awscli", "ec2", *args, "--endpoint-url", daemon.endpoint],
+                            capture_output=True, text=True, env=daemon.cli_env(home), cwd=home, timeout=120)
+    if check and result.returncode != 0:
+        raise AssertionError(f"aws ec2 {' '.join(args)} failed ({result.returncode}): {result.stderr}")
+    return result
+
+
+def aws_json(daemon: DaemonProcess, home: Path, *args: str) -> Any:
+    return json.loads(aws(daemon, home, *args).stdout or "null")
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def wait_export_image(ec2: Any, task_id: str, timeout: float = 60.0) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+
+    def ended() -> bool:
+        found.update(ec2.describe_export_image_tasks(ExportImageTaskIds=[task_id])["ExportImageTasks"][0])
+        return found["Status"] in ("completed", "deleted")
+
+    wait_until(ended, f"export {task_id}", timeout)
+    return found
+
+
+def fetch(s3: S3Server, key: str, path: Path, bucket: str = EXPORT_BUCKET) -> Path:
+    s3.client().download_file(bucket, key, str(path))
+    return path
+
+
+def same_disk(raw: Path, image: Path, fmt: str) -> None:
+    """qemu-img check (where qemu has one for the format) and compare against the imported raw disk."""
+    qemu_format, checkable = QEMU_FORMATS[fmt]
+    if checkable:
+        qemu_img("check", "-f", qemu_format, image)
+    qemu_img("compare", "-f", "raw", "-F", qemu_format, raw, image)
+
+
+def import_image(ec2: Any, key: str) -> str:
+    task_id = ec2.import_image(DiskContainers=[{"Format": "VMDK", "UserBucket": {"S3Bucket": BUCKET,
+                                                                                 "S3Key": key}}])["ImportTaskId"]
+    done = wait_for_task(ec2, task_id)
+    assert done["Status"] == "completed", done
+    image_id: str = done["ImageId"]
+    return image_id
+
+
+def import_instance(ec2: Any, *keys: str, url: str | None = None) -> dict[str, Any]:
+    disks = [{"Image": {"Format": "VMDK", "Bytes": 1, "ImportManifestUrl": url or f"s3://{BUCKET}/{key}"},
+              "Volume": {"Size": 1}, "Description": f"disk {number}"} for number, key in enumerate(keys)]
+    task: dict[str, Any] = ec2.import_instance(Platform="Windows", Description="legacy", DiskImages=disks,
+                                               LaunchSpecification={"Architecture": "x86_64",
+                                                                    "InstanceType": "m5.large"})["ConversionTask"]
+    return task
+
+
+def error_of(call: Callable[[], Any]) -> tuple[str, str]:
+    with pytest.raises(ClientError) as caught:
+        call()
+    error = caught.value.response["Error"]
+    return error["Code"], error["Message"]
+
+
+# --- fixtures --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def disks(tmp_path_factory: pytest.TempPathFactory, moto_server: S3Server) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("export-disks")
+    raw = make_raw(root / "boot.raw", 4 * MiB + 64 * 1024, 31)  # not a whole number of MiB
+    big_raw = make_raw(root / "big.raw", 16 * MiB, 32)
+    files = {"raw": raw, "big-raw": big_raw, "vms/boot.vmdk": make_vmdk(raw, root / "boot.vmdk"),
+             "vms/big.vmdk": make_vmdk(big_raw, root / "big.vmdk")}
+    for key in ("vms/boot.vmdk", "vms/big.vmdk"):
+        upload(moto_server, files[key], key)
+    client = moto_server.client()
+    for bucket in (EXPORT_BUCKET, DENIED_BUCKET):
+        client.create_bucket(Bucket=bucket)
+    return files
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory, moto_server: S3Server,
+           disks: dict[str, Path]) -> Iterator[DaemonProcess]:
+    process = DaemonProcess(tmp_path_factory.mktemp("export-daemon"), moto_server)
+    configure(process, max_export_bytes=8 * MiB, part_size=5 * MiB)
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def ec2(daemon: DaemonProcess) -> Any:
+    return daemon.client()
+
+
+@pytest.fixture(scope="module")
+def image(ec2: Any) -> str:
+    return import_image(ec2, "vms/boot.vmdk")
+
+
+@pytest.fixture(scope="module")
+def instance(ec2: Any) -> dict[str, Any]:
+    task = import_instance(ec2, "vms/boot.vmdk")
+    ec2.get_waiter("conversion_task_completed").wait(ConversionTaskIds=[task["ConversionTaskId"]],
+                                                     WaiterConfig=FAST_WAITER)
+    return task
+
+
+# --- ExportImage -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["VMDK", "VHD", "RAW", "VHDX", "QCOW2"])
+def test_cli_export_image_to_each_format(daemon: DaemonProcess, ec2: Any, image: str, disks: dict[str, Path],
+                                         moto_server: S3Server, tmp_path: Path, fmt: str) -> None:
+    answer = aws_json(daemon, tmp_path, "export-image", "--image-id", image, "--disk-image-format", fmt,
+                      "--s3-export-location", f"S3Bucket={EXPORT_BUCKET},S3Prefix=exports/",
+                      "--description", "nightly export",
+                      "--tag-specifications", "ResourceType=export-image-task,Tags=[{Key=team,Value=infra}]")
+    task_id = answer["ExportImageTaskId"]
+    assert task_id.startswith("export-ami-") and len(task_id) == len("export-ami-") + 17
+    assert answer == {"Description": "nightly export", "DiskImageFormat": fmt.lower(), "ExportImageTaskId": task_id,
+                      "ImageId": image, "RoleName": "vmimport", "Progress": "0",
+                      "S3ExportLocation": {"S3Bucket": EXPORT_BUCKET, "S3Prefix": "exports/"},
+                      "Status": "active", "StatusMessage": "validating", "Tags": [{"Key": "team", "Value": "infra"}]}
+    wait_export_image(ec2, task_id)
+    done = aws_json(daemon, tmp_path, "describe-export-image-tasks", "--export-image-task-ids", task_id)
+    assert done == {"ExportImageTasks": [{
+        "Description": "nightly export", "ExportImageTaskId": task_id, "ImageId": image,
+        "S3ExportLocation": {"S3Bucket": EXPORT_BUCKET, "S3Prefix": "exports/"}, "Status": "completed",
+        "Tags": [{"Key": "team", "Value": "infra"}]}]}
+    key = f"exports/{task_id}.{fmt.lower()}"
+    assert key in moto_server.objects(EXPORT_BUCKET)
+    same_disk(disks["raw"], fetch(moto_server, key, tmp_path / f"out.{fmt.lower()}"), fmt.lower())
+    assert moto_server.uploads(EXPORT_BUCKET) == []
+
+
+def test_vmdk_export_is_stream_optimized_and_passes_grains(ec2: Any, image: str, moto_server: S3Server,
+                                                           tmp_path: Path) -> None:
+    task_id = ec2.export_image(ImageId=image, DiskImageFormat="VMDK",
+                               S3ExportLocation={"S3Bucket": EXPORT_BUCKET, "S3Prefix": "raw-prefix-"}
+                               )["ExportImageTaskId"]
+    assert wait_export_image(ec2, task_id)["Status"] == "completed"
+    out = fetch(moto_server, f"raw-prefix-{task_id}.vmdk", tmp_path / "out.vmdk")  # prefix used verbatim
+    info = json.loads(qemu_img("info", "--output=json", out))
+    assert info["format"] == "vmdk" and info["format-specific"]["data"]["create-type"] == "streamOptimized"
+
+
+def test_export_image_client_token_is_idempotent(ec2: Any, image: str) -> None:
+    request = {"ImageId": image, "DiskImageFormat": "RAW", "S3ExportLocation": {"S3Bucket": EXPORT_BUCKET},
+               "ClientToken": "token-export-1"}
+    first = ec2.export_image(**request)["ExportImageTaskId"]
+    assert ec2.export_image(**request)["ExportImageTaskId"] == first
+    code, message = error_of(lambda: ec2.export_image(**{**request, "DiskImageFormat": "VHD"}))
+    assert code == "IdempotentParameterMismatch" and "token-export-1" in message
+    wait_export_image(ec2, first)
+
+
+def test_describe_export_image_tasks_filters_and_pages(ec2: Any, image: str) -> None:
+    made = [ec2.export_image(ImageId=image, DiskImageFormat="RAW",
+                             S3ExportLocation={"S3Bucket": EXPORT_BUCKET, "S3Prefix": "pages/"})["ExportImageTaskId"]]
+    for task_id in made:
+        wait_export_image(ec2, task_id)
+    completed = ec2.describe_export_image_tasks(Filters=[{"Name": "task-state", "Values": ["completed"]}])
+    ids = [task["ExportImageTaskId"] for task in completed["ExportImageTasks"]]
+    assert set(made) <= set(ids) and len(ids) >= 2
+    paged = [task["ExportImageTaskId"] for page in ec2.get_paginator("describe_export_image_tasks").paginate(
+        Filters=[{"Name": "task-state", "Values": ["completed"]}], PaginationConfig={"PageSize": 1})
+        for task in page["ExportImageTasks"]]
+    assert paged == sorted(ids)
+    assert ec2.describe_export_image_tasks(Filters=[{"Name": "task-state", "Values": ["deleting"]}]
+                                           )["ExportImageTasks"] == []
+    code, _ = error_of(lambda: ec2.describe_export_image_tasks(Filters=[{"Name": "bogus", "Values": ["x"]}]))
+    assert code == "InvalidParameterValue"
+    code, _ = error_of(lambda: ec2.describe_export_image_tasks(MaxResults=501))
+    assert code == "InvalidParameterValue"
+
+
+def test_export_image_refusals(daemon: DaemonProcess, ec2: Any, image: str, tmp_path: Path) -> None:
+    where = {"S3Bucket": EXPORT_BUCKET}
+    assert error_of(lambda: ec2.export_image(ImageId="ami-0123456789abcdef0", DiskImageFormat="RAW",
+                                             S3ExportLocation=where))[0] == "InvalidAMIID.NotFound"
+    assert error_of(lambda: ec2.export_image(ImageId="bogus", DiskImageFormat="RAW",
+                                             S3ExportLocation=where))[0] == "InvalidAMIID.Malformed"
+    code, message = error_of(lambda: ec2.export_image(ImageId=image, DiskImageFormat="RAW",
+                                                      S3ExportLocation={"S3Bucket": DENIED_BUCKET}))
+    assert code == "InvalidParameter"
+    assert message.startswith("The service role vmimport provided does not exist or does not have sufficient "
+                              "permissions")
+    code, message = error_of(lambda: ec2.export_image(ImageId=image, DiskImageFormat="VDI", S3ExportLocation=where))
+    assert code == "InvalidParameterValue" and "VDI" in message
+    refused = aws(daemon, tmp_path, "export-image", "--image-id", image, "--disk-image-format", "RAW",
+                  "--s3-export-location", f"S3Bucket={EXPORT_BUCKET}", "--dry-run", check=False)
+    assert refused.returncode == 255 and "(DryRunOperation)" in refused.stderr
+    for call in (lambda: ec2.describe_export_image_tasks(ExportImageTaskIds=["export-ami-0123456789abcdef0"]),
+                 lambda: ec2.cancel_export_task(ExportTaskId="export-ami-0123456789abcdef0"),
+                 lambda: ec2.describe_export_tasks(ExportTaskIds=["export-i-0123456789abcdef0"])):
+        assert error_of(call)[0] == "InvalidExportTaskID.NotFound"
+    assert error_of(lambda: ec2.cancel_export_task(ExportTaskId="import-ami-0123456789abcdef0")
+                    )[0] == "InvalidExportTaskID.Malformed"
+
+
+def test_export_image_over_the_size_limit_is_refused(ec2: Any) -> None:
+    big = import_image(ec2, "vms/big.vmdk")  # 16 MiB; this daemon exports at most 8 MiB
+    code, message = error_of(lambda: ec2.export_image(ImageId=big, DiskImageFormat="RAW",
+                                                      S3ExportLocation={"S3Bucket": EXPORT_BUCKET}))
+    assert code == "InvalidParameter" and str(8 * MiB) in message
+
+
+def test_cancel_of_a_completed_export_is_incorrect_state(ec2: Any, image: str) -> None:
+    task_id = ec2.export_image(ImageId=image, DiskImageFormat="RAW",
+                               S3ExportLocation={"S3Bucket": EXPORT_BUCKET})["ExportImageTaskId"]
+    wait_export_image(ec2, task_id)
+    assert error_of(lambda: ec2.cancel_export_task(ExportTaskId=task_id))[0] == "IncorrectState"
+
+
+# --- instance export -------------------------------------------------------------------------------------
+
+
+def test_cli_create_instance_export_task_to_an_ova(daemon: DaemonProcess, ec2: Any, instance: dict[str, Any],
+                                                   disks: dict[str, Path], moto_server: S3Server,
+                                                   tmp_path: Path) -> None:
+    instance_id = instance["ImportInstance"]["InstanceId"]
+    (tmp_path / "file.json").write_text(json.dumps({"ContainerFormat": "ova", "DiskImageFormat": "VMDK",
+                                                    "S3Bucket": EXPORT_BUCKET, "S3Prefix": "vms/"}, indent=2))
+    task = aws_json(daemon, tmp_path, "create-instance-export-task", "--instance-id", instance_id,
+                    "--target-environment", "vmware", "--export-to-s3-task", "file://file.json")["ExportTask"]
+    task_id = task["ExportTaskId"]
+    assert task_id.startswith("export-i-")
+    assert task["State"] == "active"
+    assert task["InstanceExportDetails"] == {"InstanceId": instance_id, "TargetEnvironment": "vmware"}
+    assert task["ExportToS3Task"] == {"ContainerFormat": "ova", "DiskImageFormat": "vmdk", "S3Bucket": EXPORT_BUCKET,
+                                      "S3Key": f"vms/{task_id}.ova"}
+    ec2.get_waiter("export_task_completed").wait(ExportTaskIds=[task_id], WaiterConfig=FAST_WAITER)
+    described = aws_json(daemon, tmp_path, "describe-export-tasks", "--export-task-ids", task_id)["ExportTasks"]
+    assert [(t["ExportTaskId"], t["State"]) for t in described] == [(task_id, "completed")]
+    ova = fetch(moto_server, f"vms/{task_id}.ova", tmp_path / "out.ova")
+    with tarfile.open(ova) as archive:
+        names = archive.getnames()
+        assert names[0].endswith(".ovf") and names[1].endswith(".mf")
+        descriptor = archive.extractfile(names[0]).read().decode()  # type: ignore[union-attr]
+        assert "<vssd:VirtualSystemType>vmx-10</vssd:VirtualSystemType>" in descriptor
+        disk = next(name for name in names if name.endswith(".vmdk"))
+        archive.extract(disk, tmp_path, filter="data")
+    same_disk(disks["raw"], tmp_path / disk, "vmdk")
+
+
+@pytest.mark.parametrize(("fmt", "target"), [("VHD", "microsoft"), ("RAW", "citrix"), ("VMDK", "vmware")])
+def test_instance_export_of_a_bare_disk(ec2: Any, instance: dict[str, Any], disks: dict[str, Path],
+                                        moto_server: S3Server, tmp_path: Path, fmt: str, target: str) -> None:
+    task = ec2.create_instance_export_task(
+        InstanceId=instance["ImportInstance"]["InstanceId"], TargetEnvironment=target, Description="bare",
+        ExportToS3Task={"DiskImageFormat": fmt, "S3Bucket": EXPORT_BUCKET, "S3Prefix": "bare/"})["ExportTask"]
+    assert task["ExportToS3Task"]["S3Key"] == f"bare/{task['ExportTaskId']}.{fmt.lower()}"
+    ec2.get_waiter("export_task_completed").wait(ExportTaskIds=[task["ExportTaskId"]], WaiterConfig=FAST_WAITER)
+    out = fetch(moto_server, task["ExportToS3Task"]["S3Key"], tmp_path / "out")
+    same_disk(disks["raw"], out, fmt.lower())
+
+
+def test_instance_export_refusals(ec2: Any, instance: dict[str, Any], disks: dict[str, Path]) -> None:
+    to_s3 = {"DiskImageFormat": "VMDK", "S3Bucket": EXPORT_BUCKET}
+
+    def export(instance_id: str, **destination: str) -> Any:
+        return ec2.create_instance_export_task(InstanceId=instance_id, TargetEnvironment="vmware",
+                                               ExportToS3Task={**to_s3, **destination})
+
+    assert error_of(lambda: export("i-0123456789abcdef0"))[0] == "InvalidInstanceID.NotFound"
+    assert error_of(lambda: export("bogus"))[0] == "InvalidInstanceID.Malformed"
+    instance_id = instance["ImportInstance"]["InstanceId"]
+    assert error_of(lambda: export(instance_id, DiskImageFormat="RAW", ContainerFormat="ova")
+                    )[0] == "InvalidParameterCombination"
+    assert error_of(lambda: export(instance_id, S3Bucket=DENIED_BUCKET))[0] == "InvalidParameter"
+
+    two = import_instance(ec2, "vms/boot.vmdk", "vms/boot.vmdk")
+    ec2.get_waiter("conversion_task_completed").wait(ConversionTaskIds=[two["ConversionTaskId"]],
+                                                     WaiterConfig=FAST_WAITER)
+    assert error_of(lambda: export(two["ImportInstance"]["InstanceId"])) == (
+        "UnsupportedOperation", "This instance has multiple volumes attached. Please remove additional volumes.")
+
+    gone = import_instance(ec2, "vms/boot.vmdk")
+    ec2.get_waiter("conversion_task_completed").wait(ConversionTaskIds=[gone["ConversionTaskId"]],
+                                                     WaiterConfig=FAST_WAITER)
+    snapshot = ec2.describe_snapshots(Filters=[{"Name": "description", "Values": [
+        f"Created by AWS-VMImport service for {gone['ConversionTaskId']}"]}])["Snapshots"][0]["SnapshotId"]
+    ec2.delete_snapshot(SnapshotId=snapshot)
+    code, message = error_of(lambda: export(gone["ImportInstance"]["InstanceId"]))
+    assert code == "NotExportable" and snapshot in message
+
+    big = import_instance(ec2, "vms/big.vmdk")
+    ec2.get_waiter("conversion_task_completed").wait(ConversionTaskIds=[big["ConversionTaskId"]],
+                                                     WaiterConfig=FAST_WAITER)
+    code, message = error_of(lambda: export(big["ImportInstance"]["InstanceId"]))
+    assert code == "InvalidParameter" and str(8 * MiB) in message
+
+
+def test_instance_still_importing_is_not_exportable_and_its_conversion_cancels(ec2: Any,
+                                                                               disks: dict[str, Path]) -> None:
+    held = HeldServer(disks["vms/boot.vmdk"])
+    try:
+        task = import_instance(ec2, url=held.url)
+        code, message = error_of(lambda: ec2.create_instance_export_task(
+            InstanceId=task["ImportInstance"]["InstanceId"], TargetEnvironment="vmware",
+            ExportToS3Task={"DiskImageFormat": "VMDK", "S3Bucket": EXPORT_BUCKET}))
+        assert code == "NotExportable" and message.startswith("Only imported instances can be exported.")
+        ec2.cancel_conversion_task(ConversionTaskId=task["ConversionTaskId"], ReasonMessage="bye")
+        ec2.get_waiter("conversion_task_cancelled").wait(ConversionTaskIds=[task["ConversionTaskId"]],
+                                                         WaiterConfig=FAST_WAITER)
+        done = ec2.describe_conversion_tasks(ConversionTaskIds=[task["ConversionTaskId"]])["ConversionTasks"][0]
+        assert (done["State"], done["StatusMessage"]) == ("cancelled", "bye")
+        assert error_of(lambda: ec2.cancel_conversion_task(ConversionTaskId=task["ConversionTaskId"])) == (
+            "DeleteConversionTaskError", "The conversion task cannot be canceled.")
+    finally:
+        held.close()
+
+
+# --- legacy conversion tasks -----------------------------------------------------------------------------
+
+
+def test_import_volume_and_describe_conversion_tasks(ec2: Any, moto_server: S3Server) -> None:
+    url = moto_server.client().generate_presigned_url("get_object", Params={"Bucket": BUCKET,
+                                                                           "Key": "vms/boot.vmdk"})
+    task = ec2.import_volume(AvailabilityZone="us-east-1a", Description="data disk",
+                             Image={"Format": "VMDK", "Bytes": 1300687360, "ImportManifestUrl": url},
+                             Volume={"Size": 16})["ConversionTask"]
+    task_id = task["ConversionTaskId"]
+    assert task_id.startswith("import-vol-") and task["State"] == "active" and task["StatusMessage"] == "Pending"
+    volume = task["ImportVolume"]
+    assert volume["Image"] == {"Format": "VMDK", "Size": 1300687360, "ImportManifestUrl": url}
+    assert volume["Volume"]["Id"].startswith("vol-") and volume["Volume"]["Size"] == 16
+    assert (volume["AvailabilityZone"], volume["Description"], volume["BytesConverted"]) == (
+        "us-east-1a", "data disk", 0)
+    assert task["ExpirationTime"].endswith("Z")
+    ec2.get_waiter("conversion_task_completed").wait(ConversionTaskIds=[task_id], WaiterConfig=FAST_WAITER)
+    done = ec2.describe_conversion_tasks(ConversionTaskIds=[task_id])["ConversionTasks"][0]
+    assert done["State"] == "completed" and done["ImportVolume"]["BytesConverted"] == 4 * MiB + 64 * 1024
+    listed = [t["ConversionTaskId"] for t in ec2.describe_conversion_tasks()["ConversionTasks"]]
+    assert task_id in listed
+    snapshots = ec2.describe_snapshots(Filters=[{"Name": "description", "Values": [
+        f"Created by AWS-VMImport service for {task_id}"]}])["Snapshots"]
+    assert len(snapshots) == 1
+    assert error_of(lambda: ec2.describe_conversion_tasks(ConversionTaskIds=["bogus-id"])
+                    )[0] == "InvalidConversionTaskId.Malformed"
+    assert error_of(lambda: ec2.describe_conversion_tasks(ConversionTaskIds=["import-i-ffvko9js"])
+                    )[0] == "InvalidConversionTaskId"
+
+
+def test_import_instance_conversion_task_shape(ec2: Any, instance: dict[str, Any]) -> None:
+    assert instance["ConversionTaskId"].startswith("import-i-")
+    details = instance["ImportInstance"]
+    assert details["InstanceId"].startswith("i-") and details["Platform"] == "Windows"
+    assert details["Description"] == "legacy"
+    [volume] = details["Volumes"]
+    assert volume["Image"]["Format"] == "VMDK" and volume["Volume"]["Size"] == 1
+    done = ec2.describe_conversion_tasks(ConversionTaskIds=[instance["ConversionTaskId"]])["ConversionTasks"][0]
+    assert done["State"] == "completed"
+    assert done["ImportInstance"]["Volumes"][0]["Status"] == "completed"
+    assert done["ImportInstance"]["Volumes"][0]["BytesConverted"] == 4 * MiB + 64 * 1024
+
+
+# --- cancel, limits and resume: exports held at the S3 server ------------------------------------------------
+
+
+class HoldingProxy(FaultProxy):
+    """A proxy in front of the S3 server that holds the requests ``hold`` matches until released."""
+
+    def __init__(self, upstream: str) -> None:
+        super().__init__(upstream, [])
+        self.hold: Callable[[str, dict[str, list[str]]], bool] = lambda method, query: False
+        self.released = threading.Event()
+        self.held = 0
+        self.parts: list[tuple[int, int]] = []  # (part number, HTTP status) of every UploadPart answered
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        query = parse_qs(request.query_string)
+        if self.hold(request.method, query):
+            self.held += 1
+            await asyncio.get_running_loop().run_in_executor(None, self.released.wait, 60)
+            self.held -= 1
+        response = await super()._handle(request)
+        if request.method == "PUT" and "partNumber" in query:
+            self.parts.append((int(query["partNumber"][0]), response.status))
+        return response
+
+    def release(self) -> None:
+        self.released.set()
+
+    def rearm(self, hold: Callable[[str, dict[str, list[str]]], bool]) -> None:
+        self.released.clear()
+        self.hold = hold
+
+
+def holds_parts_after(count: int) -> Callable[[str, dict[str, list[str]]], bool]:
+    return lambda method, query: method == "PUT" and int(query.get("partNumber", ["0"])[0]) > count
+
+
+@pytest.fixture(scope="module")
+def proxy(moto_server: S3Server) -> Iterator[HoldingProxy]:
+    held = HoldingProxy(moto_server.endpoint).start()
+    assert isinstance(held, HoldingProxy)
+    yield held
+    held.release()
+    held.stop()
+
+
+@pytest.fixture(scope="module")
+def held_daemon(tmp_path_factory: pytest.TempPathFactory, moto_server: S3Server, proxy: HoldingProxy,
+                disks: dict[str, Path]) -> Iterator[DaemonProcess]:
+    process = DaemonProcess(tmp_path_factory.mktemp("held-daemon"), S3Server(proxy.endpoint, moto_server.profile))
+    configure(process, part_size=5 * MiB, parts_in_flight=1)
+    process.start()
+    yield process
+    process.kill()
+
+
+@pytest.fixture(scope="module")
+def big_image(held_daemon: DaemonProcess) -> str:
+    return import_image(held_daemon.client(), "vms/big.vmdk")
+
+
+def test_cancelled_export_leaves_no_object_and_no_upload(held_daemon: DaemonProcess, proxy: HoldingProxy,
+                                                         big_image: str, moto_server: S3Server) -> None:
+    ec2 = held_daemon.client()
+    proxy.rearm(holds_parts_after(1))
+    task_id = ec2.export_image(ImageId=big_image, DiskImageFormat="RAW",
+                               S3ExportLocation={"S3Bucket": EXPORT_BUCKET, "S3Prefix": "cancel/"}
+                               )["ExportImageTaskId"]
+    wait_until(lambda: proxy.held > 0, "the second part to be held")
+    assert moto_server.uploads(EXPORT_BUCKET) == [f"cancel/{task_id}.raw"]
+    assert ec2.cancel_export_task(ExportTaskId=task_id)["ResponseMetadata"]["HTTPStatusCode"] == 200
+    done = wait_export_image(ec2, task_id)
+    assert (done["Status"], done["StatusMessage"]) == ("deleted", "User cancelled")
+    proxy.release()
+    wait_until(lambda: proxy.held == 0, "the held part to be answered")
+    assert moto_server.uploads(EXPORT_BUCKET) == []
+    assert not [key for key in moto_server.objects(EXPORT_BUCKET) if key.startswith("cancel/")]
+
+
+def test_cancel_while_completing_is_incorrect_state(held_daemon: DaemonProcess, proxy: HoldingProxy,
+                                                    big_image: str, moto_server: S3Server) -> None:
+    ec2 = held_daemon.client()
+    proxy.rearm(lambda method, query: method == "POST" and "uploadId" in query)  # CompleteMultipartUpload
+    task_id = ec2.export_image(ImageId=big_image, DiskImageFormat="VMDK",
+                               S3ExportLocation={"S3Bucket": EXPORT_BUCKET, "S3Prefix": "final/"}
+                               )["ExportImageTaskId"]
+    wait_until(lambda: proxy.held > 0, "the completion to be held")
+    running = ec2.describe_export_image_tasks(ExportImageTaskIds=[task_id])["ExportImageTasks"][0]
+    assert (running["Status"], running["StatusMessage"], running["Progress"]) == ("active", "updating", "90")
+    code, message = error_of(lambda: ec2.cancel_export_task(ExportTaskId=task_id))
+    assert code == "IncorrectState" and "final disk image" in message
+    proxy.release()
+    assert wait_export_image(ec2, task_id)["Status"] == "completed"
+    assert f"final/{task_id}.vmdk" in moto_server.objects(EXPORT_BUCKET)
+
+
+def test_at_most_five_exports_run_at_once(held_daemon: DaemonProcess, proxy: HoldingProxy, big_image: str,
+                                          moto_server: S3Server) -> None:
+    ec2 = held_daemon.client()
+    instance = import_instance(ec2, "vms/big.vmdk")
+    ec2.get_waiter("conversion_task_completed").wait(ConversionTaskIds=[instance["ConversionTaskId"]],
+                                                     WaiterConfig=FAST_WAITER)
+    proxy.rearm(lambda method, query: method == "PUT" and "partNumber" in query)
+    to_s3 = {"DiskImageFormat": "RAW", "S3Bucket": EXPORT_BUCKET, "S3Prefix": "limit/"}
+    running = [ec2.create_instance_export_task(InstanceId=instance["ImportInstance"]["InstanceId"],
+                                               TargetEnvironment="citrix", ExportToS3Task=to_s3)["ExportTask"]
+               for _ in range(5)]
+    assert error_of(lambda: ec2.create_instance_export_task(
+        InstanceId=instance["ImportInstance"]["InstanceId"], TargetEnvironment="citrix", ExportToS3Task=to_s3)
+                    )[0] == "ResourceLimitExceeded"
+    assert error_of(lambda: ec2.export_image(ImageId=big_image, DiskImageFormat="RAW",
+                                             S3ExportLocation={"S3Bucket": EXPORT_BUCKET}))[0] == "ResourceLimitExceeded"
+    for task in running:
+        ec2.cancel_export_task(ExportTaskId=task["ExportTaskId"])
+    ids = [task["ExportTaskId"] for task in running]
+    ec2.get_waiter("export_task_cancelled").wait(ExportTaskIds=ids, WaiterConfig=FAST_WAITER)
+    proxy.release()
+    wait_until(lambda: proxy.held == 0, "the held parts to be answered")
+    assert moto_server.uploads(EXPORT_BUCKET) == []
+    assert not [key for key in moto_server.objects(EXPORT_BUCKET) if key.startswith("limit/")]
