@@ -212,3 +212,17 @@ async def test_a_task_still_queued_at_the_stop_runs_after_the_start(tmp_path: Pa
         assert await service.store.read(done.result["snapshot_id"], 0, 2 * MiB) == disks["small"].read_bytes()
     finally:
         await service.stop(5)
+
+
+async def test_one_service_per_state_directory(tmp_path: Path, moto: S3Server) -> None:
+    from vmied.errors import UsageError
+
+    config = service_config(tmp_path, moto)
+    service = await Service.start(config)
+    try:
+        with pytest.raises(UsageError, match="another vmied is running on this state"):
+            await Service.start(config)
+    finally:
+        await service.stop(5)
+    again = await Service.start(config)  # the lock went with the first service
+    await again.stop(5)

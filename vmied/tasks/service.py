@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import fcntl
 import logging
+import os
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import IO, Any
 
 from .. import metrics
 from ..config import Config
-from ..errors import VmiedError
+from ..errors import UsageError, VmiedError
 from ..pipeline import Workers
 from .db import ACTIVE, COMPLETED, DELETED, DELETING, FINISHED_STATES, Catalog, ImageRecord, Tag, Task
 from .engine import KINDS, Engine, load_kinds
@@ -38,6 +40,19 @@ class ServiceUnavailable(VmiedError):
     reason = "service.stopping"
 
 
+def lock_state(database: str) -> IO[bytes]:
+    """An exclusive lock beside the database: two daemons on one state would resume the same tasks."""
+    os.makedirs(os.path.dirname(os.path.abspath(database)), exist_ok=True)
+    lock = open(database + ".lock", "ab")  # noqa: SIM115  (held open for the service's lifetime)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise UsageError(f"another vmied is running on this state ({database} is locked)",
+                         reason="state.locked") from None
+    return lock
+
+
 class Service:
     def __init__(self, config: Config, catalog: Catalog, store: Any, workers: Workers) -> None:
         self.config = config
@@ -46,6 +61,7 @@ class Service:
         self.workers = workers
         self.engine = Engine(self)
         self.started = time.time()
+        self.lock: IO[bytes] | None = None  # held while the service runs: one daemon per state directory
 
     @classmethod
     async def start(cls, config: Config) -> Service:
@@ -53,23 +69,35 @@ class Service:
         from ..store import open_store
 
         load_kinds()  # before recovery: a task whose kind is not loaded would be ended as unknown
+        lock = await asyncio.to_thread(lock_state, config.state.database)
         workers = Workers(config.limits.workers or None)
-        catalog = await Catalog.open(config.state.database)
+        catalog: Catalog | None = None
+        service: Service | None = None
         try:
-            store = await open_store(config, workers)
+            catalog = await Catalog.open(config.state.database)
+            service = cls(config, catalog, await open_store(config, workers), workers)
+            service.lock = lock
+            await service.recover()
         except BaseException:
-            await catalog.close()
-            workers.close()
+            if service is not None:
+                await service.stop(0)
+            else:
+                if catalog is not None:
+                    await catalog.close()
+                workers.close()
+                lock.close()
             raise
-        service = cls(config, catalog, store, workers)
-        purged = await catalog.purge_tasks(time.time() - 2 * RETENTION)  # Describe shows 7 days; keep 14
+        return service
+
+    async def recover(self) -> None:
+        """Forget old tasks, collect what no catalog row names from the store, resume the interrupted."""
+        purged = await self.catalog.purge_tasks(time.time() - 2 * RETENTION)  # Describe shows 7 days; keep 14
         if purged:
             log.info("forgot %d tasks that ended more than %d days ago", purged, 2 * RETENTION // 86400)
-        unfinished = await catalog.list_tasks(KINDS, states=(ACTIVE, DELETING))
-        await store.collect_garbage(await catalog.snapshot_ids())
-        await service.engine.recover(unfinished)
-        await service.count_tasks()
-        return service
+        unfinished = await self.catalog.list_tasks(KINDS, states=(ACTIVE, DELETING))
+        await self.store.collect_garbage(await self.catalog.snapshot_ids())
+        await self.engine.recover(unfinished)
+        await self.count_tasks()
 
     async def stop(self, grace: float) -> None:
         """Take no new tasks, give running ones ``grace`` seconds, checkpoint the rest, close."""
@@ -79,6 +107,8 @@ class Service:
         await self.store.close()
         await self.catalog.close()
         self.workers.close()
+        if self.lock is not None:
+            self.lock.close()
 
     async def reload(self, config: Config) -> None:
         """New limits and role settings apply to tasks started from now on (SIGHUP)."""
