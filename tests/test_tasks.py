@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.daemon import corrupt_vmdk, make_ova, make_raw, make_vhd, make_vmdk, service_config, upload
+from tests.daemon import HeldServer, corrupt_vmdk, make_ova, make_raw, make_vhd, make_vmdk, service_config, upload
 from tests.helpers import MiB
 from tests.s3server import BUCKET, S3Server, aws_files, moto, moto_server  # noqa: F401  (fixtures)
 from vmied.tasks import ids
@@ -169,62 +169,72 @@ async def test_too_many_disks_in_an_ova(tmp_path: Path, moto: S3Server, images: 
         await service.stop(5)
 
 
+async def wait_for(condition: Any, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
 async def test_cancel_a_running_import_leaves_nothing(tmp_path: Path, moto: S3Server, images: dict[str, Path]) -> None:
-    upload(moto, images["vmdk1"], "one.vmdk")
     upload(moto, images["vmdk2"], "two.vmdk")
+    held = HeldServer(images["vmdk1"], hold_above=64 * 1024)  # the second disk's data waits
     service = await Service.start(service_config(tmp_path, moto))
     try:
-        task, _ = await service.submit(new_task(IMPORT_IMAGE, [container("two.vmdk"), container("one.vmdk")]))
-        deadline = time.monotonic() + 30
-        while not (live := await service.get_task(task.id)) or not live.checkpoint.get("snapshots"):
-            assert time.monotonic() < deadline and live is not None and live.state == ACTIVE
-            await asyncio.sleep(0.005)
-        previous = await service.cancel(live, "wrong disk")
-        assert previous == ACTIVE
+        task, _ = await service.submit(new_task(IMPORT_IMAGE, [container("two.vmdk"), {"Url": held.url}]))
+        live = service.engine.live(task.id)
+        assert live is not None
+        await wait_for(lambda: bool(live.checkpoint.get("snapshots")) and held.held > 0,
+                       "the first disk to be committed and the second to be read")
+        assert len(await service.catalog.list_snapshots()) == 1
+        assert await service.cancel(live, "wrong disk") == ACTIVE
+        held.release()
         done = await finished(service, task.id)
         assert (done.state, done.status_message) == (DELETED, "wrong disk")
         assert await service.catalog.list_snapshots() == []
         assert await service.store.snapshots() == []
     finally:
+        held.close()
         await service.stop(5)
 
 
 async def test_runners_are_bounded_by_the_import_limit(tmp_path: Path, moto: S3Server,
                                                        images: dict[str, Path]) -> None:
-    upload(moto, images["vmdk2"], "two.vmdk")
+    held = HeldServer(images["vmdk2"])
     service = await Service.start(service_config(tmp_path, moto, import_tasks=1))
     try:
-        first, _ = await service.submit(new_task(IMPORT_SNAPSHOT, [container("two.vmdk")]))
-        second, _ = await service.submit(new_task(IMPORT_SNAPSHOT, [container("two.vmdk")]))
+        first, _ = await service.submit(new_task(IMPORT_SNAPSHOT, [{"Url": held.url}]))
+        second, _ = await service.submit(new_task(IMPORT_SNAPSHOT, [{"Url": held.url}]))
+        third, _ = await service.submit(new_task(IMPORT_SNAPSHOT, [{"Url": held.url}]))
         assert list(service.engine.running) == [first.id]
-        assert service.engine.status()["import"] == {"running": 1, "queued": 1, "limit": 1}
+        assert service.engine.status()["import"] == {"running": 1, "queued": 2, "limit": 1}
         queued = await service.get_task(second.id)
         assert queued is not None and (queued.status_message, queued.progress) == ("pending", 3)
+        # a queued task cancelled before it ran ends at once
+        await service.cancel(third, "")
+        gone = await service.get_task(third.id)
+        assert gone is not None and (gone.state, gone.status_message) == (DELETED, "User cancelled")
+        held.release()
         assert (await finished(service, first.id)).state == COMPLETED
         assert (await finished(service, second.id)).state == COMPLETED
-        # a queued task cancelled before it ran ends at once
-        third, _ = await service.submit(new_task(IMPORT_SNAPSHOT, [container("two.vmdk")]))
-        fourth, _ = await service.submit(new_task(IMPORT_SNAPSHOT, [container("two.vmdk")]))
-        await service.cancel(fourth, "")
-        gone = await service.get_task(fourth.id)
-        assert gone is not None and (gone.state, gone.status_message) == (DELETED, "User cancelled")
-        assert (await finished(service, third.id)).state == COMPLETED
     finally:
+        held.close()
         await service.stop(5)
 
 
 async def test_reload_raises_the_limit(tmp_path: Path, moto: S3Server, images: dict[str, Path]) -> None:
-    upload(moto, images["vmdk1"], "one.vmdk")
-    config = service_config(tmp_path, moto, import_tasks=1)
-    service = await Service.start(config)
+    held = HeldServer(images["vmdk2"])
+    service = await Service.start(service_config(tmp_path, moto, import_tasks=1))
     try:
-        tasks = [(await service.submit(new_task(IMPORT_SNAPSHOT, [container("one.vmdk")])))[0] for _ in range(3)]
+        tasks = [(await service.submit(new_task(IMPORT_SNAPSHOT, [{"Url": held.url}])))[0] for _ in range(3)]
         assert len(service.engine.running) == 1
         await service.reload(service_config(tmp_path, moto, import_tasks=3))
         assert len(service.engine.running) == 3
+        held.release()
         for task in tasks:
             assert (await finished(service, task.id)).state == COMPLETED
     finally:
+        held.close()
         await service.stop(5)
 
 
@@ -270,8 +280,6 @@ async def test_status_summary_and_task_gauge(tmp_path: Path, moto: S3Server, ima
 
 async def test_cancel_during_validation_ends_with_the_reason(tmp_path: Path, moto: S3Server,
                                                              images: dict[str, Path]) -> None:
-    from tests.daemon import HeldServer
-
     upload(moto, images["vmdk2"], "two.vmdk")
     held = HeldServer(images["vmdk2"])
     service = await Service.start(service_config(tmp_path, moto))

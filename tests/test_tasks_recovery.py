@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon import make_raw, make_vmdk, service_config, upload
+from tests.daemon import HeldServer, make_raw, make_vmdk, service_config, upload
 from tests.helpers import MiB
 from tests.s3server import S3Server, aws_files, moto, moto_server  # noqa: F401  (fixtures)
 from tests.test_tasks import container, finished, new_task
@@ -123,16 +123,17 @@ async def test_finished_tasks_leave_the_listing_after_the_retention(tmp_path: Pa
 
 # --- restarts -------------------------------------------------------------------------------------------
 
-async def interrupted_after_first_disk(tmp_path: Path, moto: S3Server) -> tuple[Task, str]:
-    """Start an import of two disks, stop the service once the first is committed; the task and that snapshot."""
+async def interrupted_after_first_disk(tmp_path: Path, moto: S3Server, held: HeldServer) -> tuple[Task, str]:
+    """Start an import of two disks, stop the service once the first is committed and the second is being
+    read (its data held); the task and the first disk's snapshot."""
     service = await Service.start(service_config(tmp_path, moto))
-    accepted, _ = await service.submit(new_task(IMPORT_IMAGE, [container("small.vmdk"), container("large.vmdk")]))
+    accepted, _ = await service.submit(new_task(IMPORT_IMAGE, [container("small.vmdk"), {"Url": held.url}]))
     task = service.engine.live(accepted.id)  # the running task's own record
     assert task is not None
     deadline = time.monotonic() + 30
-    while not task.checkpoint.get("snapshots"):
+    while not (task.checkpoint.get("snapshots") and held.held):
         assert time.monotonic() < deadline and task.state == ACTIVE, task
-        await asyncio.sleep(0.002)
+        await asyncio.sleep(0.01)
     await service.stop(0)  # no grace: the second disk is cut off mid-write
     first = task.checkpoint["snapshots"]["0"]["id"]
     return task, first
@@ -141,27 +142,35 @@ async def interrupted_after_first_disk(tmp_path: Path, moto: S3Server) -> tuple[
 async def test_an_interrupted_import_resumes_from_its_checkpoint(tmp_path: Path, moto: S3Server,
                                                                  disks: dict[str, Path]) -> None:
     upload(moto, disks["small.vmdk"], "small.vmdk")
-    upload(moto, disks["large.vmdk"], "large.vmdk")
-    task, first = await interrupted_after_first_disk(tmp_path, moto)
-    service = await Service.start(service_config(tmp_path, moto))
+    held = HeldServer(disks["large.vmdk"], hold_above=64 * 1024)
     try:
-        done = await finished(service, task.id)
-        assert done.state == COMPLETED, done.status_message
-        assert done.restarts == 1
-        image = await service.catalog.get_image(done.result["image_id"])
-        assert image is not None
-        assert image.devices[0].snapshot_id == first  # the committed disk was not written again
-        assert await service.store.read(image.devices[1].snapshot_id, 0, 24 * MiB) == disks["large"].read_bytes()
-        assert sorted(await service.store.snapshots()) == sorted(d.snapshot_id for d in image.devices)
+        task, first = await interrupted_after_first_disk(tmp_path, moto, held)
+        held.release()
+        service = await Service.start(service_config(tmp_path, moto))
+        try:
+            done = await finished(service, task.id)
+            assert done.state == COMPLETED, done.status_message
+            assert done.restarts == 1
+            image = await service.catalog.get_image(done.result["image_id"])
+            assert image is not None
+            assert image.devices[0].snapshot_id == first  # the committed disk was not written again
+            second = await service.store.read(image.devices[1].snapshot_id, 0, 24 * MiB)
+            assert second == disks["large"].read_bytes()
+            assert sorted(await service.store.snapshots()) == sorted(d.snapshot_id for d in image.devices)
+        finally:
+            await service.stop(5)
     finally:
-        await service.stop(5)
+        held.close()
 
 
 async def test_a_task_interrupted_too_often_ends_deleted_with_the_reason(tmp_path: Path, moto: S3Server,
                                                                         disks: dict[str, Path]) -> None:
     upload(moto, disks["small.vmdk"], "small.vmdk")
-    upload(moto, disks["large.vmdk"], "large.vmdk")
-    task, _ = await interrupted_after_first_disk(tmp_path, moto)
+    held = HeldServer(disks["large.vmdk"], hold_above=64 * 1024)
+    try:
+        task, _ = await interrupted_after_first_disk(tmp_path, moto, held)
+    finally:
+        held.close()
     catalog = await Catalog.open(service_config(tmp_path, moto).state.database)
     stored = await catalog.get_task(task.id)
     assert stored is not None and stored.state == ACTIVE
