@@ -97,8 +97,10 @@ def import_image(ec2: Any, key: str) -> str:
 
 
 def import_instance(ec2: Any, *keys: str, url: str | None = None) -> dict[str, Any]:
-    disks = [{"Image": {"Format": "VMDK", "Bytes": 1, "ImportManifestUrl": url or f"s3://{BUCKET}/{key}"},
-              "Volume": {"Size": 1}, "Description": f"disk {number}"} for number, key in enumerate(keys)]
+    """ImportInstance of VMDK disks: S3 keys of the test bucket, or one disk at ``url``."""
+    urls = [url] if url else [f"s3://{BUCKET}/{key}" for key in keys]
+    disks = [{"Image": {"Format": "VMDK", "Bytes": 1, "ImportManifestUrl": location},
+              "Volume": {"Size": 1}, "Description": f"disk {number}"} for number, location in enumerate(urls)]
     task: dict[str, Any] = ec2.import_instance(Platform="Windows", Description="legacy", DiskImages=disks,
                                                LaunchSpecification={"Architecture": "x86_64",
                                                                     "InstanceType": "m5.large"})["ConversionTask"]
@@ -354,6 +356,7 @@ def test_instance_still_importing_is_not_exportable_and_its_conversion_cancels(e
             ExportToS3Task={"DiskImageFormat": "VMDK", "S3Bucket": EXPORT_BUCKET}))
         assert code == "NotExportable" and message.startswith("Only imported instances can be exported.")
         ec2.cancel_conversion_task(ConversionTaskId=task["ConversionTaskId"], ReasonMessage="bye")
+        held.release()  # the cancel is seen at the next step of the import
         ec2.get_waiter("conversion_task_cancelled").wait(ConversionTaskIds=[task["ConversionTaskId"]],
                                                          WaiterConfig=FAST_WAITER)
         done = ec2.describe_conversion_tasks(ConversionTaskIds=[task["ConversionTaskId"]])["ConversionTasks"][0]
@@ -490,7 +493,7 @@ def test_cancel_while_completing_is_incorrect_state(held_daemon: DaemonProcess, 
                                                     big_image: str, moto_server: S3Server) -> None:
     ec2 = held_daemon.client()
     proxy.rearm(lambda method, query: method == "POST" and "uploadId" in query)  # CompleteMultipartUpload
-    task_id = ec2.export_image(ImageId=big_image, DiskImageFormat="VMDK",
+    task_id = ec2.export_image(ImageId=big_image, DiskImageFormat="RAW",
                                S3ExportLocation={"S3Bucket": EXPORT_BUCKET, "S3Prefix": "final/"}
                                )["ExportImageTaskId"]
     wait_until(lambda: proxy.held > 0, "the completion to be held")
@@ -500,7 +503,7 @@ def test_cancel_while_completing_is_incorrect_state(held_daemon: DaemonProcess, 
     assert code == "IncorrectState" and "final disk image" in message
     proxy.release()
     assert wait_export_image(ec2, task_id)["Status"] == "completed"
-    assert f"final/{task_id}.vmdk" in moto_server.objects(EXPORT_BUCKET)
+    assert f"final/{task_id}.raw" in moto_server.objects(EXPORT_BUCKET)
 
 
 def test_at_most_five_exports_run_at_once(held_daemon: DaemonProcess, proxy: HoldingProxy, big_image: str,
@@ -517,8 +520,9 @@ def test_at_most_five_exports_run_at_once(held_daemon: DaemonProcess, proxy: Hol
     assert error_of(lambda: ec2.create_instance_export_task(
         InstanceId=instance["ImportInstance"]["InstanceId"], TargetEnvironment="citrix", ExportToS3Task=to_s3)
                     )[0] == "ResourceLimitExceeded"
-    assert error_of(lambda: ec2.export_image(ImageId=big_image, DiskImageFormat="RAW",
-                                             S3ExportLocation={"S3Bucket": EXPORT_BUCKET}))[0] == "ResourceLimitExceeded"
+    code, _ = error_of(lambda: ec2.export_image(ImageId=big_image, DiskImageFormat="RAW",
+                                                S3ExportLocation={"S3Bucket": EXPORT_BUCKET}))
+    assert code == "ResourceLimitExceeded"
     for task in running:
         ec2.cancel_export_task(ExportTaskId=task["ExportTaskId"])
     ids = [task["ExportTaskId"] for task in running]

@@ -24,7 +24,7 @@ import dataclasses
 import fnmatch
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -59,6 +59,8 @@ TARGET_ENVIRONMENTS: dict[str, tuple[ovf.Hardware, str]] = {
     "microsoft": (ovf.Hardware(controller="PIIX4", system_type="Microsoft:Hyper-V:System:8.0",
                                os_type="otherGuest64"), "ide"),
 }
+#: Seconds between two looks at the cancel flag while the output is written.
+CANCEL_POLL = 0.1
 #: Ids and times written into an output are derived from the task id in this namespace.
 IDENTITY_NAMESPACE = uuid.UUID("6d1f3c52-3f7e-4f5c-9a3e-7f0e2b1c8d40")
 
@@ -179,7 +181,7 @@ async def run_export(context: TaskContext) -> None:
     await context.phase("converting", 1)
     try:
         try:
-            await write_output(context, reader.virtual_size, reader.extents(), sink)
+            await until_cancelled(context, write_output(context, reader.virtual_size, reader.extents(), sink))
             await checkpoint.settle()
             # The point of no return: the last parts and the completion (cancel: IncorrectState).
             await context.phase("updating", 90, "completing")
@@ -199,6 +201,26 @@ async def run_export(context: TaskContext) -> None:
     task.result["parts_resumed"] = sink.parts_skipped
     context.complete()
     await context.save()
+
+
+async def until_cancelled(context: TaskContext, work: Coroutine[Any, Any, None]) -> None:
+    """Run ``work``; a cancel stops it even while it waits for S3 (a part upload stalled by the server).
+
+    The pipeline checks the cancel flag between extents only, and a writer waiting for a free
+    upload slot takes no extent: the flag is therefore also watched here.
+    """
+    running = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({running}, timeout=CANCEL_POLL)
+            if done:
+                running.result()
+                return
+            context.check()
+    finally:
+        if not running.done():
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
 
 
 async def write_output(context: TaskContext, virtual_size: int, extents: Any, sink: S3Sink) -> None:
