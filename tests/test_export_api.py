@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
+import sqlite3
 import subprocess
 import sys
 import tarfile
@@ -122,9 +124,14 @@ def disks(tmp_path_factory: pytest.TempPathFactory, moto_server: S3Server) -> di
     root = tmp_path_factory.mktemp("export-disks")
     raw = make_raw(root / "boot.raw", 4 * MiB + 64 * 1024, 31)  # not a whole number of MiB
     big_raw = make_raw(root / "big.raw", 16 * MiB, 32)
-    files = {"raw": raw, "big-raw": big_raw, "vms/boot.vmdk": make_vmdk(raw, root / "boot.vmdk"),
-             "vms/big.vmdk": make_vmdk(big_raw, root / "big.vmdk")}
-    for key in ("vms/boot.vmdk", "vms/big.vmdk"):
+    dense_raw = root / "dense.raw"  # random data but for a hole: a dynamic VHD of it has several parts
+    data = bytearray(random.Random(33).randbytes(24 * MiB))
+    data[8 * MiB:12 * MiB] = bytes(4 * MiB)
+    dense_raw.write_bytes(bytes(data))
+    files = {"raw": raw, "big-raw": big_raw, "dense-raw": dense_raw,
+             "vms/boot.vmdk": make_vmdk(raw, root / "boot.vmdk"), "vms/big.vmdk": make_vmdk(big_raw, root / "big.vmdk"),
+             "vms/dense.vmdk": make_vmdk(dense_raw, root / "dense.vmdk")}
+    for key in ("vms/boot.vmdk", "vms/big.vmdk", "vms/dense.vmdk"):
         upload(moto_server, files[key], key)
     client = moto_server.client()
     for bucket in (EXPORT_BUCKET, DENIED_BUCKET):
@@ -531,3 +538,81 @@ def test_at_most_five_exports_run_at_once(held_daemon: DaemonProcess, proxy: Hol
     wait_until(lambda: proxy.held == 0, "the held parts to be answered")
     assert moto_server.uploads(EXPORT_BUCKET) == []
     assert not [key for key in moto_server.objects(EXPORT_BUCKET) if key.startswith("limit/")]
+
+
+def checkpointed_parts(daemon: DaemonProcess, task_id: str) -> set[int]:
+    """Part numbers the task's checkpoint lists, read from the daemon's database (another process)."""
+    with sqlite3.connect(f"file:{daemon.state / 'vmied.db'}?mode=ro", uri=True) as db:
+        row = db.execute("SELECT checkpoint FROM tasks WHERE id = ?", (task_id,)).fetchone()
+    return {int(number) for number in json.loads(row[0]).get("parts", {})} if row else set()
+
+
+def reference_export(state: Path, task_id: str, out: Path) -> None:
+    """What an uninterrupted export of the task writes: its snapshot, its writer, its identity options."""
+    from vmied.formats import writer_class
+    from vmied.io.local import FileSink
+    from vmied.pipeline import Workers
+    from vmied.store import LocalObjects, SnapshotStore
+    from vmied.tasks.db import Catalog
+    from vmied.tasks.export_tasks import DISK_FORMATS, identity_options
+
+    async def run() -> None:
+        catalog = await Catalog.open(str(state / "vmied.db"))
+        task = await catalog.get_task(task_id)
+        await catalog.close()
+        assert task is not None
+        writer, options = DISK_FORMATS[task.params["DiskImageFormat"]]
+        with Workers(2) as workers:
+            store = SnapshotStore(await LocalObjects.open(str(state / "store")), workers)
+            reader = await store.open(task.params["SnapshotId"])
+            sink = await FileSink.create(str(out))
+            await writer_class(writer)(sink, reader.virtual_size,
+                                       {**options, **identity_options(writer, task.id, task.created)},
+                                       workers).write(reader.extents())
+            await sink.commit()
+            await store.close()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("interruption", ["SIGKILL", "SIGTERM"])
+def test_interrupted_export_resumes_from_its_parts_bit_identically(tmp_path: Path, proxy: HoldingProxy,
+                                                                   moto_server: S3Server, disks: dict[str, Path],
+                                                                   interruption: str) -> None:
+    """SIGKILL (nothing runs) or SIGTERM (the grace period ends, the upload is kept) mid-export."""
+    daemon = DaemonProcess(tmp_path, S3Server(proxy.endpoint, moto_server.profile), grace_period=0.5)
+    configure(daemon, part_size=5 * MiB, parts_in_flight=1)
+    daemon.start()
+    try:
+        ec2 = daemon.client()
+        image = import_image(ec2, "vms/dense.vmdk")
+        # A dynamic VHD: part 1 holds the block table, which is filled last, so it is uploaded last.
+        proxy.rearm(holds_parts_after(2))
+        task_id = ec2.export_image(ImageId=image, DiskImageFormat="VHD",
+                                   S3ExportLocation={"S3Bucket": EXPORT_BUCKET, "S3Prefix": "resume/"}
+                                   )["ExportImageTaskId"]
+        wait_until(lambda: proxy.held > 0 and checkpointed_parts(daemon, task_id) == {2},
+                   "part 2 uploaded and checkpointed, part 3 held")
+        if interruption == "SIGKILL":
+            daemon.kill()
+        else:
+            assert daemon.stop() == 0
+        assert moto_server.uploads(EXPORT_BUCKET) == [f"resume/{task_id}.vhd"]
+        before = len(proxy.parts)
+        proxy.rearm(lambda method, query: False)
+        proxy.release()
+        daemon.start()
+        ec2 = daemon.client()
+        done = wait_export_image(ec2, task_id)
+        assert done["Status"] == "completed", done
+        resent = [number for number, status in proxy.parts[before:] if status == 200]
+        assert 2 not in resent and {1, 3, 4, 5} <= set(resent)
+        assert moto_server.uploads(EXPORT_BUCKET) == []
+        out = fetch(moto_server, f"resume/{task_id}.vhd", tmp_path / "resumed.vhd")
+        same_disk(disks["dense-raw"], out, "vhd")
+    finally:
+        proxy.release()
+        if daemon.process is not None and daemon.process.poll() is None:
+            daemon.stop()
+    reference_export(daemon.state, task_id, tmp_path / "reference.vhd")
+    assert out.read_bytes() == (tmp_path / "reference.vhd").read_bytes()
