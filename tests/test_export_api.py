@@ -305,6 +305,26 @@ def test_cli_create_instance_export_task_to_an_ova(daemon: DaemonProcess, ec2: A
     same_disk(disks["raw"], tmp_path / disk, "vmdk")
 
 
+@pytest.mark.parametrize(("target", "system_type", "controller"), [
+    ("microsoft", "Microsoft:Hyper-V:System:8.0", "PIIX4"), ("citrix", "xen-3.0-unknown", "PIIX4")])
+def test_target_environment_shapes_the_ovf(ec2: Any, instance: dict[str, Any], disks: dict[str, Path],
+                                           moto_server: S3Server, tmp_path: Path, target: str, system_type: str,
+                                           controller: str) -> None:
+    task = ec2.create_instance_export_task(
+        InstanceId=instance["ImportInstance"]["InstanceId"], TargetEnvironment=target,
+        ExportToS3Task={"ContainerFormat": "ova", "DiskImageFormat": "VMDK", "S3Bucket": EXPORT_BUCKET}
+    )["ExportTask"]
+    ec2.get_waiter("export_task_completed").wait(ExportTaskIds=[task["ExportTaskId"]], WaiterConfig=FAST_WAITER)
+    ova = fetch(moto_server, f"{task['ExportTaskId']}.ova", tmp_path / "out.ova")
+    with tarfile.open(ova) as archive:
+        descriptor = archive.extractfile(archive.getnames()[0]).read().decode()  # type: ignore[union-attr]
+        disk = next(name for name in archive.getnames() if name.endswith(".vmdk"))
+        archive.extract(disk, tmp_path, filter="data")
+    assert f"<vssd:VirtualSystemType>{system_type}</vssd:VirtualSystemType>" in descriptor
+    assert f"<rasd:ResourceSubType>{controller}</rasd:ResourceSubType>" in descriptor
+    same_disk(disks["raw"], tmp_path / disk, "vmdk")
+
+
 @pytest.mark.parametrize(("fmt", "target"), [("VHD", "microsoft"), ("RAW", "citrix"), ("VMDK", "vmware")])
 def test_instance_export_of_a_bare_disk(ec2: Any, instance: dict[str, Any], disks: dict[str, Path],
                                         moto_server: S3Server, tmp_path: Path, fmt: str, target: str) -> None:

@@ -138,7 +138,7 @@ def converted(task: Task) -> list[int]:
     return out
 
 
-def volume_fields(task: Task, number: int, container: dict[str, Any], done: int) -> dict[str, Any]:
+def volume_fields(task: Task, container: dict[str, Any], done: int) -> dict[str, Any]:
     zone: dict[str, Any] = {key: task.params[key] for key in ("AvailabilityZone", "AvailabilityZoneId")
                             if key in task.params}
     out: dict[str, Any] = {**zone, "BytesConverted": done,
@@ -159,14 +159,14 @@ def conversion_task_output(task: Task) -> dict[str, Any]:
     if message:
         out["StatusMessage"] = message
     if task.kind == IMPORT_VOLUME:
-        out["ImportVolume"] = volume_fields(task, 0, containers[0], done[0])
+        out["ImportVolume"] = volume_fields(task, containers[0], done[0])
         if task.params.get("Description"):
             out["ImportVolume"]["Description"] = task.params["Description"]
         return out
     disks = task.result.get("disks", [])
     volumes = []
     for number, container in enumerate(containers):
-        volume = volume_fields(task, number, container, done[number])
+        volume = volume_fields(task, container, done[number])
         disk_status = disks[number]["status"] if number < len(disks) else "active"
         volume["Status"] = {ACTIVE: disk_status, COMPLETED: "completed"}.get(task.state, STATES[task.state])
         if task.state != COMPLETED and message:
