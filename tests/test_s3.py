@@ -41,6 +41,7 @@ from vmied.io.s3 import (
     S3Location,
     base_part_size,
     part_size,
+    plan_capacity,
 )
 from vmied.pipeline import Progress, Workers
 
@@ -92,8 +93,8 @@ def s3_sha256(server: S3Server, key: str) -> str:
 
 
 def test_part_plan_fits_the_s3_limits() -> None:
-    base = base_part_size(16 * MiB, None)
-    assert base == 16 * MiB
+    base = base_part_size(S3Config().part_size, None)
+    assert base == 8 * MiB
     sizes = [part_size(i, base) for i in range(MAX_PARTS)]
     assert all(MIN_PART <= s <= MAX_PART for s in sizes)
     assert sum(sizes) >= 5 * (1 << 40)  # the S3 object limit fits without a size hint
@@ -103,9 +104,11 @@ def test_part_plan_fits_the_s3_limits() -> None:
 
 
 def test_part_size_grows_only_when_the_hint_needs_it() -> None:
-    assert base_part_size(16 * MiB, 10 * (1 << 30)) == 16 * MiB
-    hinted = base_part_size(16 * MiB, 2 * (1 << 40))
-    assert hinted % MiB == 0 and hinted * FLAT_PARTS >= 2 * (1 << 40) and hinted < 512 * MiB
+    # A large source must not make every part larger (memory is part size x parts in flight).
+    assert base_part_size(8 * MiB, 2 * (1 << 40)) == 8 * MiB
+    assert base_part_size(MIN_PART, 4 * (1 << 40)) == MIN_PART
+    hinted = base_part_size(MIN_PART, 5 * (1 << 40))  # the S3 object limit: more than a 5 MiB plan holds
+    assert hinted % MiB == 0 and plan_capacity(hinted) >= 5 * (1 << 40) and hinted <= 8 * MiB
     assert base_part_size(1, None) == MIN_PART
     assert base_part_size(16 * MiB, 1 << 60) == MAX_PART
 

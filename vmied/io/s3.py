@@ -7,8 +7,10 @@ mixing two versions. Failed reads resume from the last byte received (:mod:`.ret
 Sink: the output is cut into parts in order and up to ``parts_in_flight`` parts upload at once,
 each with its Content-MD5. A part that overlaps a placeholder (a region the writer fills at the
 end) stays in memory until it is filled; parts may be uploaded in any order, and every part but
-the last has its planned size (>= 5 MiB, as S3 requires). Memory is therefore about
-``part size x (parts in flight + 1)`` plus the parts holding placeholders, whatever the disk size.
+the last has its planned size (>= 5 MiB, as S3 requires). Parts in flight are counted in base
+parts (a part of twice the base takes two slots), so memory stays about
+``base part size x (parts in flight + 1)`` plus the parts holding placeholders, until the output
+is so large that one part alone must outgrow that (see the table), whatever the disk size.
 An output smaller than one part is a single PUT. On failure or cancellation the upload is aborted
 (no orphan parts, no object); on success the object's size is checked with HeadObject.
 
@@ -17,9 +19,10 @@ Part sizes (S3: at most 10,000 parts of 5 MiB to 5 GiB)::
     part index   0 ........ 4,999 | 5,000 .. 5,499 | 5,500 .. 5,999 | ... | 9,999
     part size    base (flat)      | 2 x base       | 4 x base       | ... | capped at 5 GiB
 
-With the default 16 MiB base the flat region holds 78 GiB and the whole plan more than the 5 TiB
-object limit, so the writer need not know the output size; an ``expected_size`` hint raises the
-base so that the hinted size fits in the flat region, keeping the part size flat.
+With the default 8 MiB base the flat region holds 39 GiB and the whole plan about 8 TiB, more than
+the 5 TiB object limit, so the writer need not know the output size. An ``expected_size`` hint
+raises the base only when the whole plan could not hold it (a small configured base): a large
+source alone must not make every part, and so the memory, larger.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from botocore.exceptions import (
     SSLError,
 )
 
+from .. import metrics
 from ..errors import StorageError, UsageError
 from ..extents import Buffer
 from .base import DEFAULT_READAHEAD, DEFAULT_WINDOW, MiB, Placeholder, Sink, Source, check_sibling_name
@@ -94,19 +98,23 @@ class S3Config:
     ca_bundle: str | None = None  # PEM file of trusted CAs; None: AWS_CA_BUNDLE or the system store
     window: int = DEFAULT_WINDOW  # one ranged GET of a sequential pass
     readahead: int = DEFAULT_READAHEAD  # ranged GETs in flight ahead of the reader
-    part_size: int = 16 * MiB  # base part size (grown by the expected size or by the plan)
+    part_size: int = 8 * MiB  # base part size (grown only by the plan, see the module's table)
     parts_in_flight: int = 4
     connections: int = 16
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
 def base_part_size(configured: int, expected_size: int | None) -> int:
-    """The flat part size: the configured one, raised so ``expected_size`` fits in the flat parts."""
-    base = max(configured, MIN_PART)
-    if expected_size:
-        needed = -(-expected_size // FLAT_PARTS)
-        base = max(base, -(-needed // MiB) * MiB)
-    return min(base, MAX_PART)
+    """The flat part size: the configured one, raised (in MiB) only if the plan cannot hold ``expected_size``."""
+    base = min(max(configured, MIN_PART), MAX_PART)
+    while expected_size and plan_capacity(base) < expected_size and base < MAX_PART:
+        base = min(MAX_PART, max(base + MiB, -(-base * 5 // 4 // MiB) * MiB))
+    return base
+
+
+def plan_capacity(base: int) -> int:
+    """Bytes the whole 10,000-part plan holds with this base."""
+    return sum(part_size(index, base) for index in range(MAX_PARTS))
 
 
 def part_size(index: int, base: int) -> int:
@@ -165,13 +173,25 @@ def s3_failure(exc: BaseException, location: S3Location, action: str) -> Excepti
 
 
 async def s3_call(location: S3Location, action: str, call: Callable[[], Awaitable[T]]) -> T:
-    """One attempt at an S3 request, its failures sorted into retryable or not."""
+    """One attempt at an S3 request, its failures sorted into retryable or not (and counted)."""
     import aiohttp
 
+    requests = metrics.S3_REQUESTS
+    operation = operation_label(action)
     try:
-        return await call()
+        result = await call()
     except (ClientError, BotoCoreError, aiohttp.ClientError, OSError, TimeoutError) as exc:
-        raise s3_failure(exc, location, action) from None
+        failure = s3_failure(exc, location, action)
+        requests.labels(operation, "transient" if isinstance(failure, Transient) else "failed").inc()
+        raise failure from None
+    requests.labels(operation, "ok").inc()
+    return result
+
+
+def operation_label(action: str) -> str:
+    """The S3 API operation of an action text: ``"s3:PutObject (UploadPart)"`` -> ``UploadPart``."""
+    inner = action.partition("(")[2].partition(")")[0]
+    return inner or action.removeprefix("s3:")
 
 
 async def s3_client(config: S3Config, stack: AsyncExitStack) -> Any:
@@ -267,7 +287,8 @@ class S3Sink(Sink):
         self._part_offset = 0
         self._held: dict[int, tuple[int, bytearray]] = {}  # index -> (offset, bytes): parts awaiting a fill
         self._unfilled: list[Placeholder] = []
-        self._slots = asyncio.Semaphore(max(1, config.parts_in_flight))
+        self._slots_total = max(1, config.parts_in_flight)
+        self._slots = asyncio.Semaphore(self._slots_total)
         self._tasks: set[asyncio.Task[None]] = set()
         self._etags: dict[int, str] = {}  # part number -> ETag
         self._upload_id: str | None = None
@@ -375,11 +396,13 @@ class S3Sink(Sink):
                 await self._upload(index, part)
 
     async def _upload(self, index: int, data: bytearray) -> None:
-        """Start uploading part ``index`` once a slot is free (the writer waits: back pressure)."""
+        """Start uploading part ``index`` once slots are free (the writer waits: back pressure)."""
         self._raise_failed()
         if await self._uploaded_before(index + 1, data):
             return
-        await self._slots.acquire()
+        weight = self._weight(len(data))
+        for _ in range(weight):  # one writer acquires at a time, so partial holds cannot deadlock
+            await self._slots.acquire()
         try:
             if self._upload_id is None:
                 created = await self._request(
@@ -390,9 +413,9 @@ class S3Sink(Sink):
                 if self.on_upload is not None:
                     await self.on_upload(self._upload_id)
         except BaseException:
-            self._slots.release()
+            self._release(weight)
             raise
-        task = asyncio.ensure_future(self._upload_part(index + 1, data))
+        task = asyncio.ensure_future(self._upload_part(index + 1, data, weight))
         self._tasks.add(task)
 
     async def _uploaded_before(self, number: int, data: bytearray) -> bool:
@@ -412,7 +435,17 @@ class S3Sink(Sink):
         self.parts_skipped += 1
         return True
 
-    async def _upload_part(self, number: int, data: bytearray) -> None:
+    def _weight(self, size: int) -> int:
+        """Slots a part takes: one per base part it holds, so the bytes in flight stay bounded."""
+        return min(self._slots_total, -(-size // self.part_base))
+
+    def _release(self, weight: int) -> None:
+        for _ in range(weight):
+            self._slots.release()
+
+    async def _upload_part(self, number: int, data: bytearray, weight: int) -> None:
+        metrics.PARTS_IN_FLIGHT.inc()
+        metrics.BUFFERED_BYTES.inc(len(data))
         try:
             md5 = await asyncio.to_thread(content_md5, data)
             response = await self._request(
@@ -424,7 +457,9 @@ class S3Sink(Sink):
             if self.on_part is not None:
                 self.on_part(number, self._etags[number], len(data))
         finally:
-            self._slots.release()
+            metrics.PARTS_IN_FLIGHT.dec()
+            metrics.BUFFERED_BYTES.dec(len(data))
+            self._release(weight)
 
     def _raise_failed(self) -> None:
         for task in [t for t in self._tasks if t.done()]:
