@@ -31,7 +31,7 @@ from typing import Any
 
 from .errors import UsageError
 from .io.base import DEFAULT_READAHEAD, DEFAULT_WINDOW, MiB
-from .io.s3 import S3Config
+from .io.s3 import DEFAULT_PART_SIZE, S3Config
 
 SYSTEM_CONFIG = "/etc/vmied/vmied.toml"
 SYSTEM_DROP_INS = "/etc/vmied/conf.d"
@@ -209,7 +209,8 @@ class LimitsConfig:
     workers: int = field(default=0, metadata=meta(at_least(0)))  # 0: one per core
     window_size: int = field(default=DEFAULT_WINDOW, metadata=meta(at_least(64 << 10, "64KiB"), "size"))
     readahead: int = field(default=DEFAULT_READAHEAD, metadata=meta(at_least(0)))
-    part_size: int = field(default=16 * MiB, metadata=meta(at_least(5 * MiB, "5MiB (the S3 minimum)"), "size"))
+    part_size: int = field(default=DEFAULT_PART_SIZE,
+                           metadata=meta(at_least(5 * MiB, "5MiB (the S3 minimum)"), "size"))
     parts_in_flight: int = field(default=4, metadata=meta(at_least(1)))
 
 
