@@ -1,4 +1,5 @@
 """``/metrics``: Prometheus naming conventions checked by promtool, bounded labels, every object exposed."""
+# ruff: noqa: F811  (the S3 server fixtures are imported from tests.s3server)
 
 from __future__ import annotations
 
@@ -12,8 +13,14 @@ import pytest
 from botocore.exceptions import ClientError
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.helpers import MiB
+from tests.s3server import BUCKET, S3Server, aws_files, fast_retries, moto, moto_server  # noqa: F401  (fixtures)
 from tests.test_daemon import Daemon, get
 from vmied import metrics
+from vmied.errors import StorageError
+from vmied.io.open import create_sink, open_source
+from vmied.io.retry import Retrier, Transient
+from vmied.io.s3 import operation_label
 
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool missing: Debian package prometheus "
@@ -137,3 +144,48 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     assert PROMTOOL is not None
     checked = subprocess.run([PROMTOOL, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def sample_value(name: str, **labels: str) -> float:
+    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_s3_uploads_are_counted_by_operation_and_parts_leave_the_gauges(moto: S3Server) -> None:
+    before = {operation: sample_value("vmied_s3_requests_total", operation=operation, outcome="ok")
+              for operation in ("CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload")}
+    sink = await create_sink(f"s3://{BUCKET}/metrics/parts.raw", moto.config(part_size=5 * MiB))
+    try:
+        await sink.write(bytes(range(256)) * (11 * MiB // 256))  # three parts: 5 + 5 + 1 MiB
+        await sink.commit()
+    except BaseException:
+        await sink.abort()
+        raise
+    counted = {operation: sample_value("vmied_s3_requests_total", operation=operation, outcome="ok") - value
+               for operation, value in before.items()}
+    assert counted == {"CreateMultipartUpload": 1, "UploadPart": 3, "CompleteMultipartUpload": 1}
+    assert sample_value("vmied_s3_parts_in_flight") == 0 and sample_value("vmied_buffered_bytes") == 0
+
+
+async def test_a_missing_object_counts_as_failed_and_retries_by_reason(moto: S3Server) -> None:
+    failed = sample_value("vmied_s3_requests_total", operation="HeadObject", outcome="failed")
+    with pytest.raises(StorageError):
+        await open_source(f"s3://{BUCKET}/metrics/absent.raw", moto.config())
+    assert sample_value("vmied_s3_requests_total", operation="HeadObject", outcome="failed") == failed + 1
+
+    retried = sample_value("vmied_s3_retries_total", reason="status-503")
+    attempts = iter([Transient("status-503", "slow down"), None])
+
+    async def attempt() -> str:
+        problem = next(attempts)
+        if problem is not None:
+            raise problem
+        return "done"
+
+    assert await Retrier(fast_retries()).run(attempt, "test") == "done"
+    assert sample_value("vmied_s3_retries_total", reason="status-503") == retried + 1
+
+
+def test_operation_labels_are_the_api_operation() -> None:
+    assert operation_label("s3:PutObject (UploadPart)") == "UploadPart"
+    assert operation_label("s3:GetObject (HeadObject)") == "HeadObject"
+    assert operation_label("s3:GetObject") == "GetObject"

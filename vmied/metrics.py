@@ -86,14 +86,14 @@ BYTES = Counter(
     ["format", "direction"], registry=REGISTRY)
 
 S3_REQUESTS = Counter(
-    "vmied_s3_requests", "S3 requests made, by operation (GetObject, UploadPart, ...) and outcome "
-    "(ok, retried, failed).", ["operation", "outcome"], registry=REGISTRY)
+    "vmied_s3_requests", "S3 request attempts, by operation (GetObject, UploadPart, ...) and outcome "
+    "(ok; transient: to be retried; failed: not retryable).", ["operation", "outcome"], registry=REGISTRY)
 S3_RETRIES = Counter(
     "vmied_s3_retries", "S3 and HTTPS requests retried, by the reason (status-503, reset, timeout, ...).",
     ["reason"], registry=REGISTRY)
 
 BUFFERED_BYTES = Gauge(
-    "vmied_buffered_bytes", "Bytes held in conversion and upload buffers.", registry=REGISTRY)
+    "vmied_buffered_bytes", "Bytes held in multipart upload parts being sent.", registry=REGISTRY)
 PARTS_IN_FLIGHT = Gauge(
     "vmied_s3_parts_in_flight", "Multipart upload parts being uploaded now.", registry=REGISTRY)
 
