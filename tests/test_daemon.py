@@ -488,3 +488,19 @@ def test_an_unusable_state_directory_stops_the_start_with_its_reason(tmp_path: P
                              capture_output=True, text=True, env=daemon.env(), timeout=60)
     assert started.returncode == 4, started.stderr
     assert "a-file/state: Not a directory" in started.stderr and "Traceback" not in started.stderr
+
+
+def test_task_transitions_are_logged_with_id_phase_bytes_and_duration(daemon: Daemon, tmp_path: Path) -> None:
+    daemon.start()
+    vmdk = make_vmdk(make_raw(tmp_path / "disk.raw", 2 * MiB, 8), tmp_path / "disk.vmdk")
+    served = HeldServer(vmdk)
+    served.release()
+    try:
+        task_id = daemon.ec2().import_snapshot(DiskContainer={"Format": "VMDK", "Url": served.url})["ImportTaskId"]
+        done = daemon.wait_log(lambda line: line.get("task_id") == task_id and line.get("state") == "completed")
+    finally:
+        served.close()
+    assert done["kind"] == "import-snapshot" and done["duration"] > 0
+    assert any(counters.get("read") for counters in done["bytes"].values()), done
+    request = next(line for line in daemon.log_lines() if line.get("action") == "ImportSnapshot")
+    assert request["code"] == "OK" and request["request_id"]

@@ -254,8 +254,12 @@ class Engine:
         self.transition(task)
 
     def transition(self, task: Task) -> None:
-        """Count a state change (metrics) and refresh the per-state gauge from the catalog."""
+        """Count a state change (metrics), log it (one line each) and refresh the per-state gauge."""
         metrics.TASK_TRANSITIONS.labels(task.kind, task.state).inc()
+        log.info("task %s is %s", task.id, task.state, extra={
+            "task_id": task.id, "kind": task.kind, "state": task.state, "phase": task.phase,
+            "status_message": task.status_message, "bytes": task.phase_bytes,
+            "duration": round((task.finished or time.time()) - task.created, 3)})
         if task.finished is not None:
             metrics.TASK_DURATION.labels(task.kind).observe(max(0.0, task.finished - task.created))
         self._counting = asyncio.ensure_future(self.service.count_tasks())
