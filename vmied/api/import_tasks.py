@@ -73,7 +73,8 @@ async def check_container(ctx: RequestContext, container: dict[str, Any], where:
     if snapshot_id is not None:
         if not ids.is_valid(snapshot_id, ids.SNAPSHOT):
             raise ApiError("InvalidSnapshotID.Malformed", f"Invalid id: \"{snapshot_id}\" (expecting \"snap-...\")")
-        if await service_of(ctx).catalog.get_snapshot(snapshot_id) is None:
+        record = await service_of(ctx).catalog.get_snapshot(snapshot_id)
+        if record is None or record.owner_id != ctx.account_id:
             raise ApiError("InvalidSnapshot.NotFound", f"The snapshot '{snapshot_id}' does not exist.")
     if "Format" in out and out["Format"].lower() not in formats:
         raise ApiError("InvalidParameterValue",
