@@ -59,9 +59,11 @@ async def resource_exists(ctx: RequestContext, resource_id: str) -> str:
     if prefix is None or resource_type is None or prefix not in NOT_FOUND:
         raise ApiError("InvalidID", f"The ID '{resource_id}' is not valid")
     if prefix == ids.IMAGE:
-        found = await service.catalog.get_image(resource_id) is not None
+        image = await service.catalog.get_image(resource_id)
+        found = image is not None and image.owner_id == ctx.account_id
     elif prefix == ids.SNAPSHOT:
-        found = await service.catalog.get_snapshot(resource_id) is not None
+        snapshot = await service.catalog.get_snapshot(resource_id)
+        found = snapshot is not None and snapshot.owner_id == ctx.account_id
     else:
         task = await service.get_task(resource_id)
         found = task is not None and task.account_id == ctx.account_id
