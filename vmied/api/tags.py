@@ -7,6 +7,7 @@ from typing import Any
 
 from ..tasks import ids
 from ..tasks.db import Tag
+from ..tasks.engine import KINDS
 from .operations import PAGE_LIMITS, ApiError, RequestContext, match_filters, missing_parameter, operation, paginate
 
 MAX_TAGS_PER_RESOURCE = 50
@@ -115,7 +116,11 @@ async def delete_tags(ctx: RequestContext, params: dict[str, Any]) -> dict[str, 
 
 @operation("DescribeTags")
 async def describe_tags(ctx: RequestContext, params: dict[str, Any]) -> dict[str, Any]:
-    tags = await ctx.service.catalog.list_tags()
+    catalog = ctx.service.catalog
+    own = ({image.id for image in await catalog.list_images() if image.owner_id == ctx.account_id}
+           | {snapshot.id for snapshot in await catalog.list_snapshots() if snapshot.owner_id == ctx.account_id}
+           | {task.id for task in await catalog.list_tasks(KINDS) if task.account_id == ctx.account_id})
+    tags = [tag for tag in await catalog.list_tags() if tag.resource_id in own]
     getters = {"key": lambda tag: tag.key, "value": lambda tag: tag.value,
                "resource-id": lambda tag: tag.resource_id, "resource-type": lambda tag: tag.resource_type,
                "tag:": lambda tag: {tag.key: tag.value}}
