@@ -12,7 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
+from botocore.config import Config as BotoConfig
 from botocore.exceptions import ClientError
 
 from tests.daemon import DaemonProcess, HeldServer, corrupt_vmdk, make_ova, make_raw, make_vmdk, upload, wait_for_task
@@ -20,6 +22,8 @@ from tests.helpers import MiB
 from tests.s3server import BUCKET, S3Server, aws_files, moto_server  # noqa: F401  (fixtures)
 
 OTHER_BUCKET = "not-for-vmimport"
+#: A second access key of another account: it must see none of the first account's resources.
+OTHER_KEY, OTHER_SECRET, OTHER_ACCOUNT = "AKIDOTHERACCOUNT0001", "other-account-secret-0123456789", "210987654321"
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +47,9 @@ def disks(tmp_path_factory: pytest.TempPathFactory, moto_server: S3Server) -> di
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory, moto_server: S3Server,
            disks: dict[str, Path]) -> Iterator[DaemonProcess]:
-    process = DaemonProcess(tmp_path_factory.mktemp("daemon"), moto_server, import_tasks=2)
+    other = (f'\n[[credentials]]\naccess_key_id = "{OTHER_KEY}"\nsecret_access_key = "{OTHER_SECRET}"\n'
+             f'account_id = "{OTHER_ACCOUNT}"\n')
+    process = DaemonProcess(tmp_path_factory.mktemp("daemon"), moto_server, import_tasks=2, extra=other)
     process.start()
     yield process
     process.stop()
@@ -336,3 +342,28 @@ def test_describe_snapshots_owner_self_pages_like_the_cli(daemon: DaemonProcess,
     paged = aws_json(daemon, tmp_path, "describe-snapshots", "--owner-ids", "self", "--page-size", "5")["Snapshots"]
     assert [s["SnapshotId"] for s in paged] == [s["SnapshotId"] for s in everything]
     assert ec2.describe_snapshots(OwnerIds=["amazon"])["Snapshots"] == []
+
+
+def test_another_account_sees_nothing_of_this_one(daemon: DaemonProcess, ec2: Any) -> None:
+    task = ec2.import_snapshot(DiskContainer={"UserBucket": {"S3Bucket": BUCKET, "S3Key": "vms/my-server-vm.vmdk"}})
+    snapshot_id = wait_for_task(ec2, task["ImportTaskId"])["SnapshotTaskDetail"]["SnapshotId"]
+    ec2.create_tags(Resources=[snapshot_id], Tags=[{"Key": "mine", "Value": "yes"}])
+    other = boto3.session.Session().client(
+        "ec2", endpoint_url=daemon.endpoint, region_name="us-east-1", aws_access_key_id=OTHER_KEY,
+        aws_secret_access_key=OTHER_SECRET, config=BotoConfig(retries={"max_attempts": 1}))
+    assert other.describe_snapshots()["Snapshots"] == []
+    assert other.describe_import_snapshot_tasks()["ImportSnapshotTasks"] == []
+    assert other.describe_images()["Images"] == []
+    assert other.describe_tags()["Tags"] == []
+    for call, params, code in (
+            ("describe_snapshots", {"SnapshotIds": [snapshot_id]}, "InvalidSnapshot.NotFound"),
+            ("delete_snapshot", {"SnapshotId": snapshot_id}, "InvalidSnapshot.NotFound"),
+            ("create_tags", {"Resources": [snapshot_id], "Tags": [{"Key": "a"}]}, "InvalidSnapshot.NotFound"),
+            ("describe_import_snapshot_tasks", {"ImportTaskIds": [task["ImportTaskId"]]},
+             "InvalidConversionTaskId.Malformed"),
+            ("cancel_import_task", {"ImportTaskId": task["ImportTaskId"]}, "InvalidConversionTaskId.Malformed")):
+        with pytest.raises(ClientError) as caught:
+            getattr(other, call)(**params)
+        assert caught.value.response["Error"]["Code"] == code, call
+    assert ec2.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"][0]["Tags"] == [
+        {"Key": "mine", "Value": "yes"}]
