@@ -394,50 +394,6 @@ def test_instance_still_importing_is_not_exportable_and_its_conversion_cancels(e
         held.close()
 
 
-# --- legacy conversion tasks -----------------------------------------------------------------------------
-
-
-def test_import_volume_and_describe_conversion_tasks(ec2: Any, moto_server: S3Server) -> None:
-    url = moto_server.client().generate_presigned_url("get_object", Params={"Bucket": BUCKET,
-                                                                           "Key": "vms/boot.vmdk"})
-    task = ec2.import_volume(AvailabilityZone="us-east-1a", Description="data disk",
-                             Image={"Format": "VMDK", "Bytes": 1300687360, "ImportManifestUrl": url},
-                             Volume={"Size": 16})["ConversionTask"]
-    task_id = task["ConversionTaskId"]
-    assert task_id.startswith("import-vol-") and task["State"] == "active" and task["StatusMessage"] == "Pending"
-    volume = task["ImportVolume"]
-    assert volume["Image"] == {"Format": "VMDK", "Size": 1300687360, "ImportManifestUrl": url}
-    assert volume["Volume"]["Id"].startswith("vol-") and volume["Volume"]["Size"] == 16
-    assert (volume["AvailabilityZone"], volume["Description"], volume["BytesConverted"]) == (
-        "us-east-1a", "data disk", 0)
-    assert task["ExpirationTime"].endswith("Z")
-    ec2.get_waiter("conversion_task_completed").wait(ConversionTaskIds=[task_id], WaiterConfig=FAST_WAITER)
-    done = ec2.describe_conversion_tasks(ConversionTaskIds=[task_id])["ConversionTasks"][0]
-    assert done["State"] == "completed" and done["ImportVolume"]["BytesConverted"] == 4 * MiB + 64 * 1024
-    listed = [t["ConversionTaskId"] for t in ec2.describe_conversion_tasks()["ConversionTasks"]]
-    assert task_id in listed
-    snapshots = ec2.describe_snapshots(Filters=[{"Name": "description", "Values": [
-        f"Created by AWS-VMImport service for {task_id}"]}])["Snapshots"]
-    assert len(snapshots) == 1
-    assert error_of(lambda: ec2.describe_conversion_tasks(ConversionTaskIds=["bogus-id"])
-                    )[0] == "InvalidConversionTaskId.Malformed"
-    assert error_of(lambda: ec2.describe_conversion_tasks(ConversionTaskIds=["import-i-ffvko9js"])
-                    )[0] == "InvalidConversionTaskId"
-
-
-def test_import_instance_conversion_task_shape(ec2: Any, instance: dict[str, Any]) -> None:
-    assert instance["ConversionTaskId"].startswith("import-i-")
-    details = instance["ImportInstance"]
-    assert details["InstanceId"].startswith("i-") and details["Platform"] == "Windows"
-    assert details["Description"] == "legacy"
-    [volume] = details["Volumes"]
-    assert volume["Image"]["Format"] == "VMDK" and volume["Volume"]["Size"] == 1
-    done = ec2.describe_conversion_tasks(ConversionTaskIds=[instance["ConversionTaskId"]])["ConversionTasks"][0]
-    assert done["State"] == "completed"
-    assert done["ImportInstance"]["Volumes"][0]["Status"] == "completed"
-    assert done["ImportInstance"]["Volumes"][0]["BytesConverted"] == 4 * MiB + 64 * 1024
-
-
 # --- cancel, limits and resume: exports held at the S3 server ------------------------------------------------
 
 

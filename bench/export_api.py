@@ -1,0 +1,121 @@
+"""ExportImage through the daemon against qemu-img converting the same data from a local file (issue 7, item 7).
+
+    python3 bench/export_api.py (--vmdk PATH | --disk PATH) [--disk PATH] [--work DIR] [--repeat N]
+
+Untimed: a SeaweedFS server on 127.0.0.1 gets the stream-optimized VMDK of the realistic disk
+(``--vmdk``, or made from ``--disk`` with qemu-img), the daemon (local snapshot store) imports it
+with ImportImage, and the raw disk is read once so qemu-img starts with it in the page cache.
+Timed, each the best of ``--repeat`` runs, for VMDK (stream-optimized), VHD (dynamic) and RAW:
+
+  qemu-img:     qemu-img convert -f raw -O <fmt> <local raw disk> <local file>
+  ExportImage:  boto3 ExportImage to the SeaweedFS bucket until DescribeExportImageTasks says
+                completed (the snapshot store read, the writer, the S3 multipart upload, polling 0.1 s)
+
+The export writes to S3 over loopback where qemu-img writes a local file: the comparison is what
+a user sees end to end (qemu-img would still need an upload).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+
+from run import measure, prepare, warm  # noqa: E402
+from s3 import aws_environment  # noqa: E402
+
+from tests.daemon import DaemonProcess, wait_for_task  # noqa: E402
+from tests.s3server import BUCKET, S3Server, seaweed_running  # noqa: E402
+
+KEY = "bench/in.vmdk"
+#: DiskImageFormat -> qemu-img's output format and options for the same kind of file.
+FORMATS = {
+    "VMDK": ["-O", "vmdk", "-o", "subformat=streamOptimized"],
+    "VHD": ["-O", "vpc", "-o", "subformat=dynamic"],
+    "RAW": ["-O", "raw"],
+}
+
+
+def import_disk(daemon: DaemonProcess) -> tuple[str, float]:
+    ec2 = daemon.client()
+    start = time.perf_counter()
+    task = ec2.import_image(DiskContainers=[{"Format": "VMDK", "UserBucket": {"S3Bucket": BUCKET, "S3Key": KEY}}])
+    done = wait_for_task(ec2, task["ImportTaskId"], timeout=3600)
+    if done["Status"] != "completed":
+        raise SystemExit(f"import failed: {done.get('StatusMessage')}")
+    return done["ImageId"], time.perf_counter() - start
+
+
+def time_export(daemon: DaemonProcess, s3: S3Server, image_id: str, fmt: str) -> tuple[float, int]:
+    ec2 = daemon.client()
+    start = time.perf_counter()
+    task_id = ec2.export_image(ImageId=image_id, DiskImageFormat=fmt,
+                               S3ExportLocation={"S3Bucket": BUCKET, "S3Prefix": "bench/exports/"}
+                               )["ExportImageTaskId"]
+    while True:
+        task = ec2.describe_export_image_tasks(ExportImageTaskIds=[task_id])["ExportImageTasks"][0]
+        if task["Status"] in ("completed", "deleted"):
+            break
+        time.sleep(0.1)
+    elapsed = time.perf_counter() - start
+    if task["Status"] != "completed":
+        raise SystemExit(f"export failed: {task.get('StatusMessage')}")
+    key = f"bench/exports/{task_id}.{fmt.lower()}"
+    client = s3.client()
+    size = int(client.head_object(Bucket=BUCKET, Key=key)["ContentLength"])
+    client.delete_object(Bucket=BUCKET, Key=key)
+    return elapsed, size
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--disk", type=Path, required=True, help="the realistic raw disk (make-test-disk.sh)")
+    parser.add_argument("--vmdk", type=Path, help="its stream-optimized VMDK (made from --disk if not given)")
+    parser.add_argument("--work", type=Path, default=HERE / "out", help="where scratch files go")
+    parser.add_argument("--repeat", type=int, default=2)
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    vmdk = args.vmdk or prepare(args.disk, "stream.vmdk", args.work)
+    with tempfile.TemporaryDirectory(dir=args.work) as root:
+        env = aws_environment(Path(root))
+        os.environ.update(env)  # every client here, and the daemon, use these profiles (before any is made)
+        (Path(root) / "weed").mkdir()
+        with seaweed_running(Path(root) / "weed") as s3:
+            run(args, vmdk, Path(root), s3)
+    return 0
+
+
+def run(args: argparse.Namespace, vmdk: Path, root: Path, s3: S3Server) -> None:
+    s3.client().upload_file(str(vmdk), BUCKET, KEY)
+    print(f"disk: {args.disk} ({args.disk.stat().st_size / 2**30:.1f} GiB raw; {vmdk.stat().st_size / 2**20:.0f} "
+          f"MiB VMDK stream imported), {os.cpu_count()} cores, SeaweedFS at {s3.endpoint}")
+    (root / "daemon").mkdir()
+    daemon = DaemonProcess(root / "daemon", s3, read_buckets=[BUCKET])
+    daemon.start()
+    try:
+        image_id, imported = import_disk(daemon)
+        print(f"ImportImage (untimed setup): {imported:.2f} s")
+        warm(args.disk)
+        print("| format | qemu-img local file s | output MiB | ExportImage to S3 s | output MiB | vs qemu-img |")
+        print("|---|---|---|---|---|---|")
+        for fmt, options in FORMATS.items():
+            out = root / f"qemu.{fmt.lower()}"
+            qemu = min((measure(["qemu-img", "convert", "-f", "raw", *options, str(args.disk), str(out)], out)
+                        for _ in range(args.repeat)), key=lambda run: run.wall)
+            out.unlink()
+            exports = [time_export(daemon, s3, image_id, fmt) for _ in range(args.repeat)]
+            seconds, size = min(exports)
+            print(f"| {fmt} | {qemu.wall:.2f} | {qemu.output_bytes / 2**20:.0f} | {seconds:.2f} | "
+                  f"{size / 2**20:.0f} | {seconds / qemu.wall:.2f}x |", flush=True)
+    finally:
+        daemon.stop(timeout=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
