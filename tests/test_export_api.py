@@ -463,6 +463,9 @@ def test_cancelled_export_leaves_no_object_and_no_upload(held_daemon: DaemonProc
                                )["ExportImageTaskId"]
     wait_until(lambda: proxy.held > 0, "the second part to be held")
     assert moto_server.uploads(EXPORT_BUCKET) == [f"cancel/{task_id}.raw"]
+    code, message = error_of(lambda: ec2.export_image(ImageId=big_image, DiskImageFormat="VHD",
+                                                      S3ExportLocation={"S3Bucket": EXPORT_BUCKET}))
+    assert code == "InvalidParameter" and f"already being exported by {task_id}" in message
     assert ec2.cancel_export_task(ExportTaskId=task_id)["ResponseMetadata"]["HTTPStatusCode"] == 200
     done = wait_export_image(ec2, task_id)
     assert (done["Status"], done["StatusMessage"]) == ("deleted", "User cancelled")

@@ -178,9 +178,9 @@ async def run_export(context: TaskContext) -> None:
     task.result["s3_key"] = location.key
     checkpoint = Checkpoint(context)
     sink = await open_sink(context, location, service.config.s3_config(), reader.virtual_size, checkpoint)
-    await context.phase("converting", 1)
     try:
         try:
+            await context.phase("converting", 1)
             await until_cancelled(context, write_output(context, reader.virtual_size, reader.extents(), sink))
             await checkpoint.settle()
             # The point of no return: the last parts and the completion (cancel: IncorrectState).
