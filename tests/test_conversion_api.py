@@ -5,21 +5,74 @@ CancelConversionTask, answers shaped as botocore parses them (docs/ec2-api.md §
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
+from xml.sax.saxutils import escape
 
 from tests.daemon import corrupt_vmdk, make_vmdk, upload
 from tests.helpers import MiB
 from tests.s3server import BUCKET, S3Server, aws_files, moto_server  # noqa: F401  (fixtures)
 from tests.test_export_api import (  # noqa: F401  (fixtures)
+    EXPORT_BUCKET,
     FAST_WAITER,
     daemon,
     disks,
     ec2,
     error_of,
+    fetch,
     import_instance,
     instance,
+    same_disk,
 )
+
+
+def import_manifest(s3: S3Server, image: Path, name: str, cuts: list[int], size: int | None = None) -> str:
+    """Upload ``image`` in parts cut at ``cuts`` and an AWS import manifest listing them; its pre-signed URL."""
+    client = s3.client()
+    data = image.read_bytes()
+    bounds = [0, *cuts, len(data)]
+    parts = []
+    for index, (start, end) in enumerate(pairwise(bounds)):
+        key = f"manifests/{name}.part{index}"
+        client.put_object(Bucket=BUCKET, Key=key, Body=data[start:end])
+        url = client.generate_presigned_url("get_object", Params={"Bucket": BUCKET, "Key": key})
+        parts.append(f'<part index="{index}"><byte-range end="{end - 1}" start="{start}"/><key>{key}</key>'
+                     f"<get-url>{escape(url)}</get-url></part>")
+    manifest = (f'<?xml version="1.0" encoding="UTF-8" standalone="yes"?>\n<manifest><version>2010-11-15</version>'
+                f"<file-format>VMDK</file-format><import><size>{size or len(data)}</size><volume-size>1</volume-size>"
+                f'<parts count="{len(parts)}">{"".join(parts)}</parts></import></manifest>')
+    client.put_object(Bucket=BUCKET, Key=f"manifests/{name}.xml", Body=manifest.encode())
+    url: str = client.generate_presigned_url("get_object", Params={"Bucket": BUCKET, "Key": f"manifests/{name}.xml"})
+    return url
+
+
+def test_import_instance_from_an_import_manifest_then_export_it(ec2: Any, moto_server: S3Server,
+                                                                disks: dict[str, Path], tmp_path: Path) -> None:
+    vmdk = disks["vms/boot.vmdk"]
+    third = vmdk.stat().st_size // 3
+    url = import_manifest(moto_server, vmdk, "three", [third, 2 * third])
+    task = import_instance(ec2, url=url)
+    ec2.get_waiter("conversion_task_completed").wait(ConversionTaskIds=[task["ConversionTaskId"]],
+                                                     WaiterConfig=FAST_WAITER)
+    export = ec2.create_instance_export_task(
+        InstanceId=task["ImportInstance"]["InstanceId"], TargetEnvironment="vmware",
+        ExportToS3Task={"DiskImageFormat": "RAW", "S3Bucket": EXPORT_BUCKET})["ExportTask"]
+    ec2.get_waiter("export_task_completed").wait(ExportTaskIds=[export["ExportTaskId"]], WaiterConfig=FAST_WAITER)
+    same_disk(disks["raw"], fetch(moto_server, export["ExportToS3Task"]["S3Key"], tmp_path / "out.raw"), "raw")
+
+
+def test_a_manifest_whose_parts_do_not_add_up_fails_the_conversion(ec2: Any, moto_server: S3Server,
+                                                                   disks: dict[str, Path]) -> None:
+    vmdk = disks["vms/boot.vmdk"]
+    url = import_manifest(moto_server, vmdk, "short", [vmdk.stat().st_size // 2], size=vmdk.stat().st_size + 1)
+    task = ec2.import_volume(AvailabilityZone="us-east-1a", Volume={"Size": 1}, Image={
+        "Format": "VMDK", "Bytes": 1, "ImportManifestUrl": url})["ConversionTask"]
+    ec2.get_waiter("conversion_task_cancelled").wait(ConversionTaskIds=[task["ConversionTaskId"]],
+                                                     WaiterConfig=FAST_WAITER)
+    done = ec2.describe_conversion_tasks(ConversionTaskIds=[task["ConversionTaskId"]])["ConversionTasks"][0]
+    assert done["StatusMessage"].startswith("ClientError: Disk validation failed [the parts of the import manifest "
+                                            f"cover {vmdk.stat().st_size} bytes")
 
 
 def test_import_volume_and_describe_conversion_tasks(ec2: Any, moto_server: S3Server) -> None:

@@ -6,9 +6,10 @@ volume ``vol-...`` answered at once), ImportInstance one snapshot per disk image
 instance record ``i-...`` whose volumes are those snapshots. vmied runs no VMs: the instance is
 only what CreateInstanceExportTask exports.
 
-The disk is read from ``Image.ImportManifestUrl`` taken as the location of the disk image itself
-(an ``s3://bucket/key`` or an http(s) URL, e.g. a pre-signed one); AWS's XML import manifests that
-list the parts of an upload are not read. The instance record is the completed task: its
+The disk is read from ``Image.ImportManifestUrl``: an AWS import manifest (the XML that
+``ec2-upload-disk-image`` writes: ``<manifest><import><size>`` and ``<parts>`` whose ``<get-url>``
+each serve one byte range of the disk image, in order), or, as a vmied extension, the disk image
+itself (an ``s3://bucket/key`` or an http(s) URL, e.g. a pre-signed one). The instance record is the completed task: its
 ``params`` hold the instance id and its volumes, its ``result`` the snapshots (see
 :func:`instance_volumes`).
 
@@ -18,7 +19,17 @@ Module name: the export helper owns ``export_*`` modules; these tasks are what i
 from __future__ import annotations
 
 from typing import Any
+from xml.etree.ElementTree import Element
 
+import defusedxml.ElementTree as SafeET
+from defusedxml import DefusedXmlException
+
+from ..errors import Cancelled, UnsupportedImage, VmiedError
+from ..formats import detect, reader_class
+from ..formats.ova import OvaReader
+from ..io.base import Source
+from ..io.open import open_source
+from ..io.slice import ConcatSource
 from . import imports
 from .db import COMPLETED, Task
 from .engine import TaskContext, TaskFailed, TaskKind, register_kind
@@ -29,6 +40,106 @@ CONVERSION_KINDS = (IMPORT_INSTANCE, IMPORT_VOLUME)
 IMPORT_INSTANCE_TASK, IMPORT_VOLUME_TASK = "import-i", "import-vol"
 INSTANCE, VOLUME = "i", "vol"
 GiB = 1 << 30
+#: Largest import manifest read (a manifest of 10,000 parts is about 10 MiB).
+MAX_MANIFEST = 16 << 20
+MAX_PARTS = 10_000
+
+
+class InvalidManifest(VmiedError):
+    reason = "manifest.invalid"
+
+
+def is_manifest(head: bytes) -> bool:
+    """An import manifest is XML; no disk image format starts like one."""
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    return text.startswith((b"<?xml", b"<manifest"))
+
+
+def manifest_parts(data: bytes) -> tuple[int, list[tuple[int, int, str]]]:
+    """The disk image size and its parts ``(start, end inclusive, get-url)`` from an import manifest."""
+    try:
+        root: Element = SafeET.fromstring(data)
+    except (SafeET.ParseError, DefusedXmlException, ValueError) as exc:
+        raise InvalidManifest(f"the import manifest is not valid XML ({exc})") from None
+    size_text = root.findtext("import/size")
+    parts = root.findall("import/parts/part")
+    if root.tag != "manifest" or size_text is None or not parts:
+        raise InvalidManifest("the import manifest needs <manifest><import><size> and <parts><part> elements")
+    if len(parts) > MAX_PARTS:
+        raise InvalidManifest(f"the import manifest lists {len(parts)} parts; at most {MAX_PARTS} are read")
+    out: list[tuple[int, int, str]] = []
+    try:
+        size = int(size_text)
+        for part in sorted(parts, key=lambda p: int(p.get("index", "-1"))):
+            byte_range, url = part.find("byte-range"), (part.findtext("get-url") or "").strip()
+            if byte_range is None or not url:
+                raise InvalidManifest(f"part {part.get('index')} of the import manifest has no byte-range or get-url")
+            out.append((int(byte_range.get("start", "")), int(byte_range.get("end", "")), url))
+    except ValueError:
+        raise InvalidManifest("the import manifest has a size, index or byte range that is not a number") from None
+    expected = 0
+    for start, end, _ in out:
+        if start != expected or end < start:
+            raise InvalidManifest(f"the parts of the import manifest do not cover the image in order (a part "
+                                  f"starts at {start}, expected {expected})")
+        expected = end + 1
+    if expected != size:
+        raise InvalidManifest(f"the parts of the import manifest cover {expected} bytes, the manifest says {size}")
+    return size, out
+
+
+async def open_disk(context: TaskContext, plan: imports.Plan, location: str) -> Source:
+    """The disk image at ``location``: the parts a manifest there lists, joined, or the object itself."""
+    config = context.service.config.s3_config()
+    imports.check_role(context, location)
+    source = await open_source(location, config)
+    plan.sources.append(source)
+    if not is_manifest(await source.read_at(0, min(64, source.size))):
+        return source
+    if source.size > MAX_MANIFEST:
+        raise InvalidManifest(f"the import manifest is {source.size} bytes; at most {MAX_MANIFEST} are read")
+    size, parts = manifest_parts(await source.read_exact(0, source.size, "import manifest"))
+    opened: list[Source] = []
+    for number, (start, end, url) in enumerate(parts):
+        context.check()
+        imports.check_role(context, url)
+        part = await open_source(url, config)
+        plan.sources.append(part)
+        if part.size != end - start + 1:
+            raise InvalidManifest(f"part {number} of the import manifest holds {part.size} bytes, its byte range "
+                                  f"{end - start + 1}")
+        opened.append(part)
+    joined = ConcatSource(opened, f"{source.name} ({len(parts)} parts)")
+    assert joined.size == size
+    return joined
+
+
+async def plan_disks(context: TaskContext) -> imports.Plan:
+    """Open and check each disk image (validating); refusals fail the task with ClientError."""
+    plan = imports.Plan()
+    try:
+        for number, container in enumerate(context.task.params["DiskContainers"]):
+            context.check()
+            source = await open_disk(context, plan, container["Url"])
+            declared = container["Format"].lower()
+            cls = reader_class("raw") if declared == "raw" else await detect(source)
+            if cls is OvaReader or cls.format != declared:
+                raise UnsupportedImage(f"Unsupported specified file format: {container['Format']} was given but "
+                                       f"the content of {source.name} is {cls.format.upper()}",
+                                       reason="format.mismatch")
+            reader = await cls.open(source, context.service.workers)
+            plan.disks.append(imports.PlannedDisk(len(plan.disks), number, cls.format.upper(), source.size,
+                                                  reader.virtual_size, reader))
+    except Cancelled:
+        await plan.close()
+        raise
+    except VmiedError as exc:
+        await plan.close()
+        raise TaskFailed(f"ClientError: Disk validation failed [{exc.message}]") from exc
+    except BaseException:
+        await plan.close()
+        raise
+    return plan
 
 
 def instance_volumes(task: Task) -> list[dict[str, Any]]:
@@ -45,7 +156,7 @@ def instance_volumes(task: Task) -> list[dict[str, Any]]:
 
 async def run_conversion(context: TaskContext) -> None:
     await context.phase("validating", 3)
-    plan = await imports.validate(context)
+    plan = await plan_disks(context)
     try:
         imports.describe_disks(context, plan)
         for disk in plan.disks:
