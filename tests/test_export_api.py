@@ -337,6 +337,26 @@ def test_instance_export_of_a_bare_disk(ec2: Any, instance: dict[str, Any], disk
     same_disk(disks["raw"], out, fmt.lower())
 
 
+def test_describe_export_tasks_filters_and_tags(ec2: Any, instance: dict[str, Any]) -> None:
+    instance_id = instance["ImportInstance"]["InstanceId"]
+    task_id = ec2.create_instance_export_task(
+        InstanceId=instance_id, TargetEnvironment="vmware", Description="tagged",
+        TagSpecifications=[{"ResourceType": "export-instance-task", "Tags": [{"Key": "team", "Value": "infra"}]}],
+        ExportToS3Task={"DiskImageFormat": "RAW", "S3Bucket": EXPORT_BUCKET, "S3Prefix": "tags/"}
+    )["ExportTask"]["ExportTaskId"]
+    ec2.create_tags(Resources=[task_id], Tags=[{"Key": "ticket", "Value": "OPS-42"}])
+    ec2.get_waiter("export_task_completed").wait(ExportTaskIds=[task_id], WaiterConfig=FAST_WAITER)
+    found = ec2.describe_export_tasks(Filters=[{"Name": "tag:ticket", "Values": ["OPS-42"]}])["ExportTasks"]
+    assert [(t["ExportTaskId"], t["Description"], t["State"]) for t in found] == [(task_id, "tagged", "completed")]
+    assert found[0]["Tags"] == [{"Key": "team", "Value": "infra"}, {"Key": "ticket", "Value": "OPS-42"}]
+    completed = ec2.describe_export_tasks(Filters=[{"Name": "state", "Values": ["completed"]},
+                                                   {"Name": "instance-id", "Values": [instance_id]}])
+    assert task_id in [t["ExportTaskId"] for t in completed["ExportTasks"]]
+    assert ec2.describe_export_tasks(Filters=[{"Name": "state", "Values": ["cancelling"]}])["ExportTasks"] == []
+    tags = ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [task_id]}])["Tags"]
+    assert {t["ResourceType"] for t in tags} == {"export-instance-task"}
+
+
 def test_instance_export_refusals(ec2: Any, instance: dict[str, Any], disks: dict[str, Path]) -> None:
     to_s3 = {"DiskImageFormat": "VMDK", "S3Bucket": EXPORT_BUCKET}
 
