@@ -61,6 +61,8 @@ TARGET_ENVIRONMENTS: dict[str, tuple[ovf.Hardware, str]] = {
 }
 #: Seconds between two looks at the cancel flag while the output is written.
 CANCEL_POLL = 0.1
+#: Least seconds between two saves of the checkpoint's part list.
+SAVE_INTERVAL = 0.5
 #: Ids and times written into an output are derived from the task id in this namespace.
 IDENTITY_NAMESPACE = uuid.UUID("6d1f3c52-3f7e-4f5c-9a3e-7f0e2b1c8d40")
 
@@ -98,11 +100,16 @@ def identity_options(writer: str, task_id: str, created: float) -> dict[str, str
 
 
 class Checkpoint:
-    """The upload's resumable state in the task's checkpoint: upload id, part size, uploaded parts."""
+    """The upload's resumable state in the task's checkpoint: upload id, part size, uploaded parts.
+
+    Part records are saved coalesced (one save in flight, the next one takes every part recorded
+    meanwhile), so a long export does not write its growing part list once per part.
+    """
 
     def __init__(self, context: TaskContext) -> None:
         self.context = context
-        self.saves: set[asyncio.Future[None]] = set()
+        self._dirty = False
+        self._saving: asyncio.Future[None] | None = None
 
     @property
     def state(self) -> dict[str, Any]:
@@ -118,16 +125,26 @@ class Checkpoint:
 
     def part_done(self, number: int, etag: str, size: int) -> None:
         self.state.setdefault("parts", {})[str(number)] = [etag, size]
-        self.saves.add(asyncio.ensure_future(self.context.save()))
-        for done in [save for save in self.saves if save.done()]:
-            self.saves.discard(done)
-            if not done.cancelled() and done.exception() is not None:
-                log.warning("task %s: checkpoint not saved (%s)", self.context.task.id, done.exception())
+        self._dirty = True
+        if self._saving is None or self._saving.done():
+            self._saving = asyncio.ensure_future(self._save())
+
+    async def _save(self) -> None:
+        while self._dirty:
+            self._dirty = False
+            try:
+                await self.context.save()
+            except Exception as exc:  # the parts are uploaded again after a restart, nothing worse
+                log.warning("task %s: checkpoint not saved (%s)", self.context.task.id, exc)
+                return
+            if self._dirty:  # more parts came during the save: gather some more before the next
+                await asyncio.sleep(SAVE_INTERVAL)
 
     async def settle(self) -> None:
-        if self.saves:
-            await asyncio.gather(*self.saves, return_exceptions=True)
-            self.saves.clear()
+        """Wait until every part recorded so far is saved."""
+        if self._saving is not None:
+            await asyncio.gather(self._saving, return_exceptions=True)
+            self._saving = None
 
     def clear(self) -> None:
         for key in ("upload_id", "part_base", "parts"):
