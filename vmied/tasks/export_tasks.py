@@ -33,6 +33,7 @@ from ..convert import tracked
 from ..errors import StorageError, VmiedError
 from ..extents import checked
 from ..formats import ovf, writer_class
+from ..formats.base import Reader
 from ..formats.ova import appliance_name, write_appliance
 from ..io.s3 import S3Config, S3Location, S3Sink, s3_call, s3_client
 from ..pipeline import Progress, prefetch
@@ -198,7 +199,7 @@ async def run_export(context: TaskContext) -> None:
     try:
         try:
             await context.phase("converting", 1)
-            await until_cancelled(context, write_output(context, reader.virtual_size, reader.extents(), sink))
+            await until_cancelled(context, write_output(context, reader, sink))
             await checkpoint.settle()
             # The point of no return: the last parts and the completion (cancel: IncorrectState).
             await context.phase("updating", 90, "completing")
@@ -240,20 +241,23 @@ async def until_cancelled(context: TaskContext, work: Coroutine[Any, Any, None])
             await asyncio.gather(running, return_exceptions=True)
 
 
-async def write_output(context: TaskContext, virtual_size: int, extents: Any, sink: S3Sink) -> None:
+async def write_output(context: TaskContext, reader: Reader, sink: S3Sink) -> None:
     """The disk (or an OVA around it) into ``sink``, reporting progress 1..85 by virtual bytes."""
     task = context.task
     params = task.params
     progress = context.progress
-    progress.virtual_size = virtual_size
+    virtual_size = progress.virtual_size = reader.virtual_size
+
+    def counters(position: int) -> dict[str, int]:
+        return {"position": position, "virtual": virtual_size, "written": sink.position,
+                "read": int(getattr(reader, "bytes_read", 0))}
 
     def report(current: Progress) -> None:
         fraction = current.position / virtual_size if virtual_size else 1.0
-        context.report(1 + int(84 * fraction), position=current.position, virtual=virtual_size,
-                       written=sink.position)
+        context.report(1 + int(84 * fraction), **counters(current.position))
 
     progress.listeners[:] = [report]
-    fetched = prefetch(checked(extents, virtual_size))
+    fetched = prefetch(checked(reader.extents(), virtual_size))
     stream = tracked(fetched, progress)
     writer, options = DISK_FORMATS[params["DiskImageFormat"]]
     identity = identity_options(writer, task.id, task.created)
@@ -271,7 +275,8 @@ async def write_output(context: TaskContext, virtual_size: int, extents: Any, si
         progress.listeners.clear()
         await stream.aclose()
         await fetched.aclose()
-    context.report(85, position=virtual_size, virtual=virtual_size, written=sink.position)
+    context.report(85, **counters(virtual_size))
+    metrics.BYTES.labels("store", "read").inc(counters(virtual_size)["read"])
 
 
 async def cleanup_export(context: TaskContext) -> None:
