@@ -108,8 +108,11 @@ async def export_image_source(ctx: RequestContext, image_id: str) -> tuple[str, 
     return snapshot.id, snapshot.virtual_size
 
 
-async def submit(ctx: RequestContext, task: Task, tags: list[Tag], busy: str | None) -> Task:
-    """Check the export limit (unless this is a retry of a task the token made) and submit."""
+async def submit(ctx: RequestContext, task: Task, tags: list[Tag]) -> Task:
+    """Check the export limits (unless this is a retry of a task the token made) and submit.
+
+    At most ``limits.export_tasks`` exports are active at once, and one export per AMI (§3.4).
+    """
     service = service_of(ctx)
     async with _submitting:
         active = await service.tasks(EXPORT_KINDS, states=[ACTIVE])
@@ -120,12 +123,11 @@ async def submit(ctx: RequestContext, task: Task, tags: list[Tag], busy: str | N
             if len(active) >= limit:
                 raise ApiError("ResourceLimitExceeded", f"You have reached the limit of {limit} active export "
                                                         "tasks; wait for one to finish or cancel one")
-            if busy is not None:
-                same = next((t for t in active if t.params.get("SnapshotId") == busy
-                             and t.params.get("ImageId") == task.params.get("ImageId")), None)
-                if same is not None and task.kind == EXPORT_IMAGE:
-                    raise ApiError("InvalidParameter", f"The image {task.params['ImageId']} is already being "
-                                                       f"exported by {same.id}")
+            image_id = task.params.get("ImageId")
+            same = next((t for t in active if t.kind == EXPORT_IMAGE and image_id is not None
+                         and t.params.get("ImageId") == image_id), None)
+            if same is not None:
+                raise ApiError("InvalidParameter", f"The image {image_id} is already being exported by {same.id}")
         try:
             found, _ = await service.submit(task, tags)
         except TokenMismatch:
@@ -161,7 +163,7 @@ async def export_image(ctx: RequestContext, params: dict[str, Any]) -> dict[str,
                    "S3Prefix": location.get("S3Prefix") or "", "Description": description, "RoleName": role,
                    "TagSpecifications": specs}
     task = new_task(ctx, EXPORT_IMAGE, params, task_params)
-    task = await submit(ctx, task, snapshot_task_tags(task.id, specs, "export-image-task"), busy=snapshot_id)
+    task = await submit(ctx, task, snapshot_task_tags(task.id, specs, "export-image-task"))
     tags = await service_of(ctx).catalog.tags_of([task.id])
     out = export_image_output(task, tags[task.id])
     out["DiskImageFormat"] = task.params["DiskImageFormat"].lower()
@@ -277,7 +279,7 @@ async def create_instance_export_task(ctx: RequestContext, params: dict[str, Any
     if container:
         task_params["ContainerFormat"] = container
     task = new_task(ctx, EXPORT_INSTANCE, params, task_params)
-    task = await submit(ctx, task, snapshot_task_tags(task.id, specs, "export-instance-task"), busy=None)
+    task = await submit(ctx, task, snapshot_task_tags(task.id, specs, "export-instance-task"))
     tags = await service_of(ctx).catalog.tags_of([task.id])
     return {"ExportTask": export_task_output(task, tags[task.id])}
 
