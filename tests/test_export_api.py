@@ -547,42 +547,64 @@ def checkpointed_parts(daemon: DaemonProcess, task_id: str) -> set[int]:
 
 
 def reference_export(state: Path, task_id: str, out: Path) -> None:
-    """What an uninterrupted export of the task writes: its snapshot, its writer, its identity options."""
-    from vmied.formats import writer_class
+    """What an uninterrupted export of the task writes: its snapshot through the task's writer."""
     from vmied.io.local import FileSink
     from vmied.pipeline import Workers
     from vmied.store import LocalObjects, SnapshotStore
     from vmied.tasks.db import Catalog
-    from vmied.tasks.export_tasks import DISK_FORMATS, identity_options
+    from vmied.tasks.export_tasks import write_image
 
     async def run() -> None:
         catalog = await Catalog.open(str(state / "vmied.db"))
         task = await catalog.get_task(task_id)
         await catalog.close()
         assert task is not None
-        writer, options = DISK_FORMATS[task.params["DiskImageFormat"]]
         with Workers(2) as workers:
             store = SnapshotStore(await LocalObjects.open(str(state / "store")), workers)
             reader = await store.open(task.params["SnapshotId"])
             sink = await FileSink.create(str(out))
-            await writer_class(writer)(sink, reader.virtual_size,
-                                       {**options, **identity_options(writer, task.id, task.created)},
-                                       workers).write(reader.extents())
+            await write_image(task, sink, reader.virtual_size, reader.extents(), workers)
             await sink.commit()
             await store.close()
 
     asyncio.run(run())
 
 
+def start_export(ec2: Any, fmt: str) -> tuple[str, str]:
+    """An export of the dense disk: ExportImage, or for OVA an instance export; its id and object key."""
+    if fmt != "OVA":
+        image = import_image(ec2, "vms/dense.vmdk")
+        task_id: str = ec2.export_image(ImageId=image, DiskImageFormat=fmt, S3ExportLocation={
+            "S3Bucket": EXPORT_BUCKET, "S3Prefix": "resume/"})["ExportImageTaskId"]
+        return task_id, f"resume/{task_id}.{fmt.lower()}"
+    conversion = import_instance(ec2, "vms/dense.vmdk")
+    ec2.get_waiter("conversion_task_completed").wait(ConversionTaskIds=[conversion["ConversionTaskId"]],
+                                                     WaiterConfig=FAST_WAITER)
+    task_id = ec2.create_instance_export_task(
+        InstanceId=conversion["ImportInstance"]["InstanceId"], TargetEnvironment="vmware",
+        ExportToS3Task={"ContainerFormat": "ova", "DiskImageFormat": "VMDK", "S3Bucket": EXPORT_BUCKET,
+                        "S3Prefix": "resume/"})["ExportTask"]["ExportTaskId"]
+    return task_id, f"resume/{task_id}.ova"
+
+
+def wait_completed(ec2: Any, task_id: str) -> None:
+    if task_id.startswith("export-ami-"):
+        done = wait_export_image(ec2, task_id)
+        assert done["Status"] == "completed", done
+    else:
+        ec2.get_waiter("export_task_completed").wait(ExportTaskIds=[task_id], WaiterConfig=FAST_WAITER)
+
+
 @pytest.mark.parametrize(("interruption", "fmt"), [("SIGKILL", "VHD"), ("SIGTERM", "VHD"), ("SIGKILL", "VMDK"),
-                                                    ("SIGKILL", "VHDX")])
+                                                    ("SIGKILL", "VHDX"), ("SIGKILL", "OVA")])
 def test_interrupted_export_resumes_from_its_parts_bit_identically(tmp_path: Path, proxy: HoldingProxy,
                                                                    moto_server: S3Server, disks: dict[str, Path],
                                                                    interruption: str, fmt: str) -> None:
     """SIGKILL (nothing runs) or SIGTERM (the grace period ends, the upload is kept) mid-export.
 
-    VHD and VHDX hold their block table in part 1, filled last (so part 1 is uploaded last); the VMDK
-    stream has no placeholder. Their ids and times must come out the same after the restart.
+    VHD and VHDX hold their block table in part 1, filled last (so part 1 is uploaded last), as an OVA
+    holds its descriptor and manifest; the VMDK stream has no placeholder. Their ids and times (VMDK
+    CID, VHD/VHDX UUIDs, VHD and tar times) must come out the same after the restart.
     """
     daemon = DaemonProcess(tmp_path, S3Server(proxy.endpoint, moto_server.profile), grace_period=0.5)
     configure(daemon, part_size=5 * MiB, parts_in_flight=1)
@@ -590,12 +612,8 @@ def test_interrupted_export_resumes_from_its_parts_bit_identically(tmp_path: Pat
     key = ""
     try:
         ec2 = daemon.client()
-        image = import_image(ec2, "vms/dense.vmdk")
         proxy.rearm(holds_parts_after(2))
-        task_id = ec2.export_image(ImageId=image, DiskImageFormat=fmt,
-                                   S3ExportLocation={"S3Bucket": EXPORT_BUCKET, "S3Prefix": "resume/"}
-                                   )["ExportImageTaskId"]
-        key = f"resume/{task_id}.{fmt.lower()}"
+        task_id, key = start_export(ec2, fmt)
         wait_until(lambda: proxy.held > 0 and 2 in checkpointed_parts(daemon, task_id),
                    "part 2 uploaded and checkpointed, part 3 held")
         if interruption == "SIGKILL":
@@ -609,15 +627,20 @@ def test_interrupted_export_resumes_from_its_parts_bit_identically(tmp_path: Pat
         proxy.release()
         daemon.start()
         ec2 = daemon.client()
-        done = wait_export_image(ec2, task_id)
-        assert done["Status"] == "completed", done
+        wait_completed(ec2, task_id)
         resent = {number for number, status in proxy.parts[before:] if status == 200}
         size = int(moto_server.client().head_object(Bucket=EXPORT_BUCKET, Key=key)["ContentLength"])
         assert size > 3 * 5 * MiB
         assert not resent & done_before and resent | done_before == set(range(1, -(-size // (5 * MiB)) + 1))
         assert moto_server.uploads(EXPORT_BUCKET) == []
         out = fetch(moto_server, key, tmp_path / f"resumed.{fmt.lower()}")
-        same_disk(disks["dense-raw"], out, fmt.lower())
+        if fmt == "OVA":
+            with tarfile.open(out) as archive:
+                disk = next(name for name in archive.getnames() if name.endswith(".vmdk"))
+                archive.extract(disk, tmp_path, filter="data")
+            same_disk(disks["dense-raw"], tmp_path / disk, "vmdk")
+        else:
+            same_disk(disks["dense-raw"], out, fmt.lower())
     finally:
         proxy.release()
         if daemon.process is not None and daemon.process.poll() is None:

@@ -24,19 +24,21 @@ import dataclasses
 import fnmatch
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
 from typing import Any
 
 from .. import metrics
 from ..convert import tracked
 from ..errors import StorageError, VmiedError
-from ..extents import checked
+from ..extents import Extent, checked
 from ..formats import ovf, writer_class
 from ..formats.base import Reader
 from ..formats.ova import appliance_name, write_appliance
+from ..io.base import Sink
 from ..io.s3 import S3Config, S3Location, S3Sink, s3_call, s3_client
-from ..pipeline import Progress, prefetch
+from ..pipeline import Progress, Workers, prefetch
+from .db import Task
 from .engine import TaskContext, TaskFailed, TaskKind, register_kind
 
 log = logging.getLogger("vmied.tasks")
@@ -241,10 +243,28 @@ async def until_cancelled(context: TaskContext, work: Coroutine[Any, Any, None])
             await asyncio.gather(running, return_exceptions=True)
 
 
+async def write_image(task: Task, sink: Sink, virtual_size: int, extents: AsyncIterator[Extent],
+                      workers: Workers) -> None:
+    """The file the task asks for: a disk image, or an OVA around a VMDK stream of the disk.
+
+    Its ids and times come from the task, so writing it again gives the same bytes.
+    """
+    params = task.params
+    if params.get("ContainerFormat") == "ova":
+        hardware, adapter = TARGET_ENVIRONMENTS[params["TargetEnvironment"]]
+        name = appliance_name(sink.name)
+        hardware = dataclasses.replace(hardware, name=name)
+        await write_appliance(sink, [(f"{name}-disk1.vmdk", virtual_size, extents)], workers, hardware, adapter,
+                              mtime=int(task.created), disk_options=identity_options("vmdk", task.id, task.created))
+        return
+    writer, options = DISK_FORMATS[params["DiskImageFormat"]]
+    identity = identity_options(writer, task.id, task.created)
+    await writer_class(writer)(sink, virtual_size, {**options, **identity}, workers).write(extents)
+
+
 async def write_output(context: TaskContext, reader: Reader, sink: S3Sink) -> None:
     """The disk (or an OVA around it) into ``sink``, reporting progress 1..85 by virtual bytes."""
     task = context.task
-    params = task.params
     progress = context.progress
     virtual_size = progress.virtual_size = reader.virtual_size
 
@@ -259,18 +279,8 @@ async def write_output(context: TaskContext, reader: Reader, sink: S3Sink) -> No
     progress.listeners[:] = [report]
     fetched = prefetch(checked(reader.extents(), virtual_size))
     stream = tracked(fetched, progress)
-    writer, options = DISK_FORMATS[params["DiskImageFormat"]]
-    identity = identity_options(writer, task.id, task.created)
-    workers = context.service.workers
     try:
-        if params.get("ContainerFormat") == "ova":
-            hardware, adapter = TARGET_ENVIRONMENTS[params["TargetEnvironment"]]
-            name = appliance_name(sink.location.key)
-            hardware = dataclasses.replace(hardware, name=name)
-            await write_appliance(sink, [(f"{name}-disk1.vmdk", virtual_size, stream)], workers, hardware, adapter,
-                                  mtime=int(task.created), disk_options=identity_options("vmdk", task.id, task.created))
-        else:
-            await writer_class(writer)(sink, virtual_size, {**options, **identity}, workers).write(stream)
+        await write_image(task, sink, virtual_size, stream, context.service.workers)
     finally:  # a writer that stops early must not leave the read-ahead task running
         progress.listeners.clear()
         await stream.aclose()
