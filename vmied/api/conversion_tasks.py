@@ -5,7 +5,11 @@ The legacy conversion tasks, as boto3 calls them (neither create call is in the 
 not the API reference's sample XML (§5 item 14). ``state`` is ``active | cancelling | cancelled |
 completed``; ``statusMessage`` is ``Pending`` while queued, ``Progress: N%`` while converting, the
 failure (``ClientError: ...``) or the cancel reason once cancelled. The work is an import of the
-disk image at ``Image.ImportManifestUrl`` (see :mod:`vmied.tasks.export_conversions`).
+disk image that ``Image.ImportManifestUrl`` describes (see :mod:`vmied.tasks.export_conversions`).
+
+AWS's ImportInstance takes a single volume; vmied takes several (up to ``limits.disks_per_image``)
+so that an instance can have more than one, which CreateInstanceExportTask then refuses as AWS does
+("This instance has multiple volumes attached").
 """
 
 from __future__ import annotations
