@@ -24,7 +24,7 @@ from xml.etree.ElementTree import Element
 import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
 
-from ..errors import Cancelled, UnsupportedImage, VmiedError
+from ..errors import UnsupportedImage, VmiedError
 from ..formats import detect, reader_class
 from ..formats.ova import OvaReader
 from ..io.base import Source
@@ -117,7 +117,7 @@ async def open_disk(context: TaskContext, plan: imports.Plan, location: str) -> 
 async def plan_disks(context: TaskContext) -> imports.Plan:
     """Open and check each disk image (validating); refusals fail the task with ClientError."""
     plan = imports.Plan()
-    try:
+    async with plan.validating():
         for number, container in enumerate(context.task.params["DiskContainers"]):
             context.check()
             source = await open_disk(context, plan, container["Url"])
@@ -130,15 +130,6 @@ async def plan_disks(context: TaskContext) -> imports.Plan:
             reader = await cls.open(source, context.service.workers)
             plan.disks.append(imports.PlannedDisk(len(plan.disks), number, cls.format.upper(), source.size,
                                                   reader.virtual_size, reader))
-    except Cancelled:
-        await plan.close()
-        raise
-    except VmiedError as exc:
-        await plan.close()
-        raise TaskFailed(f"ClientError: Disk validation failed [{exc.message}]") from exc
-    except BaseException:
-        await plan.close()
-        raise
     return plan
 
 

@@ -21,9 +21,10 @@ restart skips the disks its checkpoint lists and rewrites the one that was inter
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import logging
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,6 +116,17 @@ class Plan:
             except Exception:
                 log.debug("closing a source failed", exc_info=True)
 
+    @contextlib.asynccontextmanager
+    async def validating(self) -> AsyncIterator[None]:
+        """Close what the plan opened if validation fails; a refused input fails the task as AWS says."""
+        try:
+            yield
+        except BaseException as exc:
+            await self.close()
+            if isinstance(exc, VmiedError) and not isinstance(exc, Cancelled):
+                raise TaskFailed(f"ClientError: Disk validation failed [{exc.message}]") from exc
+            raise
+
 
 def check_role(context: TaskContext, location: str) -> None:
     """The ``vmimport`` role may read the bucket (docs/ec2-api.md §3.9)."""
@@ -173,19 +185,10 @@ async def plan_container(context: TaskContext, plan: Plan, number: int, containe
 
 async def validate(context: TaskContext) -> Plan:
     plan = Plan()
-    try:
+    async with plan.validating():
         for number, container in enumerate(context.task.params["DiskContainers"]):
             context.check()
             await plan_container(context, plan, number, container)
-    except Cancelled:
-        await plan.close()
-        raise
-    except VmiedError as exc:
-        await plan.close()
-        raise TaskFailed(f"ClientError: Disk validation failed [{exc.message}]") from exc
-    except BaseException:
-        await plan.close()
-        raise
     limit = context.service.config.limits.disks_per_image
     if len(plan.disks) > limit:
         await plan.close()
