@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import http.server
+import json
 import os
 import random
 import re
@@ -311,3 +312,16 @@ def wait_for_task(client: Any, task_id: str, timeout: float = 60.0, done: tuple[
         if time.monotonic() > deadline:
             raise AssertionError(f"task {task_id} did not end within {timeout} s: {task}")
         time.sleep(0.1)
+
+
+def aws(daemon: DaemonProcess, home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """``aws ec2 ...`` (pip awscli) against the daemon with a ``vmied`` profile; JSON output."""
+    result = subprocess.run([sys.executable, "-m", "awscli", "ec2", *args, "--endpoint-url", daemon.endpoint],
+                            capture_output=True, text=True, env=daemon.cli_env(home), cwd=home, timeout=120)
+    if check and result.returncode != 0:
+        raise AssertionError(f"aws ec2 {' '.join(args)} failed ({result.returncode}): {result.stderr}")
+    return result
+
+
+def aws_json(daemon: DaemonProcess, home: Path, *args: str) -> Any:
+    return json.loads(aws(daemon, home, *args).stdout or "null")

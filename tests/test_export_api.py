@@ -9,8 +9,6 @@ import asyncio
 import json
 import random
 import sqlite3
-import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -23,7 +21,7 @@ import pytest
 from aiohttp import web
 from botocore.exceptions import ClientError
 
-from tests.daemon import DaemonProcess, HeldServer, make_raw, make_vmdk, upload, wait_for_task
+from tests.daemon import DaemonProcess, HeldServer, aws, aws_json, make_raw, make_vmdk, upload, wait_for_task
 from tests.faultproxy import FaultProxy
 from tests.helpers import MiB, qemu_img
 from tests.s3server import BUCKET, S3Server, aws_files, moto_server  # noqa: F401  (fixtures)
@@ -43,19 +41,6 @@ def configure(daemon: DaemonProcess, **limits: int) -> None:
     text = text.replace("[limits]\n", f"[limits]\n{settings}", 1)
     text = text.replace("[role]\n", f'[role]\nwrite_buckets = ["{BUCKET}", "{EXPORT_BUCKET}"]\n', 1)
     daemon.config_path.write_text(text)
-
-
-def aws(daemon: DaemonProcess, home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """``aws ec2 ...`` (pip awscli) against the daemon with a ``vmied`` profile; JSON output."""
-    result = subprocess.run([sys.executable, "-m", "awscli", "ec2", *args, "--endpoint-url", daemon.endpoint],
-                            capture_output=True, text=True, env=daemon.cli_env(home), cwd=home, timeout=120)
-    if check and result.returncode != 0:
-        raise AssertionError(f"aws ec2 {' '.join(args)} failed ({result.returncode}): {result.stderr}")
-    return result
-
-
-def aws_json(daemon: DaemonProcess, home: Path, *args: str) -> Any:
-    return json.loads(aws(daemon, home, *args).stdout or "null")
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:

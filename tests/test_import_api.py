@@ -5,8 +5,6 @@ plus --endpoint-url) and boto3 with its waiters; sources on a real S3 server (mo
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +15,18 @@ import pytest
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import ClientError
 
-from tests.daemon import DaemonProcess, HeldServer, corrupt_vmdk, make_ova, make_raw, make_vmdk, upload, wait_for_task
+from tests.daemon import (
+    DaemonProcess,
+    HeldServer,
+    aws,
+    aws_json,
+    corrupt_vmdk,
+    make_ova,
+    make_raw,
+    make_vmdk,
+    upload,
+    wait_for_task,
+)
 from tests.helpers import MiB
 from tests.s3server import BUCKET, S3Server, aws_files, moto_server  # noqa: F401  (fixtures)
 
@@ -58,19 +67,6 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, moto_server: S3Server,
 @pytest.fixture
 def ec2(daemon: DaemonProcess) -> Any:
     return daemon.client()
-
-
-def aws(daemon: DaemonProcess, home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """``aws ec2 ...`` (pip awscli) against the daemon with a ``vmied`` profile; JSON output."""
-    result = subprocess.run([sys.executable, "-m", "awscli", "ec2", *args, "--endpoint-url", daemon.endpoint],
-                            capture_output=True, text=True, env=daemon.cli_env(home), cwd=home, timeout=120)
-    if check and result.returncode != 0:
-        raise AssertionError(f"aws ec2 {' '.join(args)} failed ({result.returncode}): {result.stderr}")
-    return result
-
-
-def aws_json(daemon: DaemonProcess, home: Path, *args: str) -> Any:
-    return json.loads(aws(daemon, home, *args).stdout or "null")
 
 
 # --- the guide's commands through the AWS CLI ------------------------------------------------------------
