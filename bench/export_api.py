@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,10 +26,10 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 from run import measure, prepare, warm  # noqa: E402
-from s3 import aws_environment  # noqa: E402
+from s3 import import_image, seaweed_with_profiles  # noqa: E402
 
-from tests.daemon import DaemonProcess, wait_for_task  # noqa: E402
-from tests.s3server import BUCKET, S3Server, seaweed_running  # noqa: E402
+from tests.daemon import DaemonProcess  # noqa: E402
+from tests.s3server import BUCKET, S3Server  # noqa: E402
 
 KEY = "bench/in.vmdk"
 #: DiskImageFormat -> qemu-img's output format and options for the same kind of file.
@@ -39,16 +38,6 @@ FORMATS = {
     "VHD": ["-O", "vpc", "-o", "subformat=dynamic"],
     "RAW": ["-O", "raw"],
 }
-
-
-def import_disk(daemon: DaemonProcess) -> tuple[str, float]:
-    ec2 = daemon.client()
-    start = time.perf_counter()
-    task = ec2.import_image(DiskContainers=[{"Format": "VMDK", "UserBucket": {"S3Bucket": BUCKET, "S3Key": KEY}}])
-    done = wait_for_task(ec2, task["ImportTaskId"], timeout=3600)
-    if done["Status"] != "completed":
-        raise SystemExit(f"import failed: {done.get('StatusMessage')}")
-    return done["ImageId"], time.perf_counter() - start
 
 
 def time_export(daemon: DaemonProcess, s3: S3Server, image_id: str, fmt: str) -> tuple[float, int]:
@@ -81,12 +70,8 @@ def main() -> int:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     vmdk = args.vmdk or prepare(args.disk, "stream.vmdk", args.work)
-    with tempfile.TemporaryDirectory(dir=args.work) as root:
-        env = aws_environment(Path(root))
-        os.environ.update(env)  # every client here, and the daemon, use these profiles (before any is made)
-        (Path(root) / "weed").mkdir()
-        with seaweed_running(Path(root) / "weed") as s3:
-            run(args, vmdk, Path(root), s3, env)
+    with seaweed_with_profiles(args.work) as (root, s3, env):
+        run(args, vmdk, root, s3, env)
     return 0
 
 
@@ -98,7 +83,7 @@ def run(args: argparse.Namespace, vmdk: Path, root: Path, s3: S3Server, env: dic
     daemon = DaemonProcess(root / "daemon", s3, read_buckets=[BUCKET])
     daemon.start()
     try:
-        image_id, imported = import_disk(daemon)
+        image_id, imported = import_image(daemon.client(), KEY)
         print(f"ImportImage (untimed setup): {imported:.2f} s")
         warm(args.disk)
         print("| format | qemu-img local file s | qemu-img + aws s3 cp s | output MiB | ExportImage to S3 s "

@@ -19,18 +19,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 from run import measure, prepare  # noqa: E402
-from s3 import aws_environment  # noqa: E402
+from s3 import import_image, seaweed_with_profiles  # noqa: E402
 
-from tests.daemon import DaemonProcess, wait_for_task  # noqa: E402
-from tests.s3server import BUCKET, S3Server, seaweed_running  # noqa: E402
+from tests.daemon import DaemonProcess  # noqa: E402
+from tests.s3server import BUCKET, S3Server  # noqa: E402
 
 KEY = "bench/in.vmdk"
 
@@ -47,13 +45,8 @@ def store_in_s3(s3: S3Server) -> str:
 
 def time_import(daemon: DaemonProcess) -> float:
     ec2 = daemon.client()
-    start = time.perf_counter()
-    task = ec2.import_image(DiskContainers=[{"Format": "VMDK", "UserBucket": {"S3Bucket": BUCKET, "S3Key": KEY}}])
-    done = wait_for_task(ec2, task["ImportTaskId"], timeout=3600)
-    elapsed = time.perf_counter() - start
-    if done["Status"] != "completed":
-        raise SystemExit(f"import failed: {done.get('StatusMessage')}")
-    ec2.deregister_image(ImageId=done["ImageId"], DeleteAssociatedSnapshots=True)
+    image_id, elapsed = import_image(ec2, KEY)
+    ec2.deregister_image(ImageId=image_id, DeleteAssociatedSnapshots=True)
     return elapsed
 
 
@@ -67,12 +60,8 @@ def main() -> int:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     vmdk = args.vmdk or prepare(args.disk, "stream.vmdk", args.work)
-    with tempfile.TemporaryDirectory(dir=args.work) as root:
-        env = aws_environment(Path(root))
-        os.environ.update(env)  # every client here, and the daemons, use these profiles (before any is made)
-        (Path(root) / "weed").mkdir()
-        with seaweed_running(Path(root) / "weed") as s3:
-            run(args, vmdk, Path(root), s3, env)
+    with seaweed_with_profiles(args.work) as (root, s3, env):
+        run(args, vmdk, root, s3, env)
     return 0
 
 

@@ -17,8 +17,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
@@ -56,6 +59,30 @@ def aws_environment(root: Path) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     return {**base, "AWS_SHARED_CREDENTIALS_FILE": str(credentials), "AWS_CONFIG_FILE": str(config),
             "AWS_EC2_METADATA_DISABLED": "true", "AWS_PROFILE": "weed"}
+
+
+@contextmanager
+def seaweed_with_profiles(work: Path) -> Iterator[tuple[Path, S3Server, dict[str, str]]]:
+    """A scratch directory, SeaweedFS in it, and the AWS profiles every client and daemon here uses."""
+    with tempfile.TemporaryDirectory(dir=work) as scratch:
+        root = Path(scratch)
+        env = aws_environment(root)
+        os.environ.update(env)  # before any client or daemon is made
+        (root / "weed").mkdir()
+        with seaweed_running(root / "weed") as s3:
+            yield root, s3, env
+
+
+def import_image(ec2: Any, key: str) -> tuple[str, float]:
+    """ImportImage of ``s3://BUCKET/key`` until completed: the image id and the seconds it took."""
+    from tests.daemon import wait_for_task
+
+    start = time.perf_counter()
+    task = ec2.import_image(DiskContainers=[{"Format": "VMDK", "UserBucket": {"S3Bucket": BUCKET, "S3Key": key}}])
+    done = wait_for_task(ec2, task["ImportTaskId"], timeout=3600)
+    if done["Status"] != "completed":
+        raise SystemExit(f"import failed: {done.get('StatusMessage')}")
+    return done["ImageId"], time.perf_counter() - start
 
 
 def timed(commands: list[list[str]], env: dict[str, str]) -> float:
