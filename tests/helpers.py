@@ -44,6 +44,14 @@ def corpus_params(*categories: str, formats: tuple[str, ...] = ()) -> list[Any]:
     return [pytest.param(row, id=row["file"]) for row in rows]
 
 
+def corpus_path(relative: str) -> Path:
+    """A file under ``../shared/corpus/files``; the test is skipped where the corpus is absent."""
+    path = CORPUS / "files" / relative
+    if not path.exists():
+        pytest.skip(f"../shared/corpus is absent ({relative})")
+    return path
+
+
 def corpus_file(row: dict[str, Any], cache: Path) -> Path:
     """The row's file, decompressed from its stored ``.bz2`` copy into ``cache`` when needed."""
     path = CORPUS / "files" / row["file"]

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import CORPUS, corpus_file, corpus_params
+from tests.helpers import CORPUS, corpus_file, corpus_params, corpus_path
 from vmied.errors import CorruptImage, ImageError, UnsupportedImage, UsageError
 from vmied.formats import ovf
 
@@ -53,7 +53,7 @@ def test_corpus_descriptor_parses(row: dict[str, Any], corpus_cache: Path) -> No
 
 
 def test_corpus_capacities_in_mixed_units(corpus_cache: Path) -> None:
-    parsed = ovf.parse_descriptor((CORPUS / "files/govmomi-ovf/xp_deltaDisk__xp_deltaDisk.ovf").read_bytes())
+    parsed = ovf.parse_descriptor(corpus_path("govmomi-ovf/xp_deltaDisk__xp_deltaDisk.ovf").read_bytes())
     assert [d.capacity for d, _ in parsed.disk_order()] == [1536 << 20, 2 << 30, 1 << 30]
 
 
@@ -72,9 +72,7 @@ def test_corpus_manifest_digests(row: dict[str, Any], corpus_cache: Path) -> Non
 
 
 def test_manifest_mismatch_names_the_file() -> None:
-    entries = ovf.parse_manifest((CORPUS / "files/cot/ubuntu.2.0.mf").read_bytes())
-    if not entries:
-        pytest.skip("corpus absent")
+    entries = ovf.parse_manifest(corpus_path("cot/ubuntu.2.0.mf").read_bytes())
     with pytest.raises(CorruptImage, match=r"ubuntu\.2\.0\.ovf") as info:
         ovf.check_digest(entries["ubuntu.2.0.ovf"], "0" * 64)
     assert info.value.reason == "ova.digest"
@@ -105,13 +103,10 @@ def test_bom_and_versions() -> None:
 
 
 def test_deployment_option_and_property_capacity() -> None:
-    path = CORPUS / "files/govmomi-ovf/multiple_disks.ovf"
-    if not path.exists():
-        pytest.skip("corpus absent")
-    parsed = ovf.parse_descriptor(path.read_bytes())
+    parsed = ovf.parse_descriptor(corpus_path("govmomi-ovf/multiple_disks.ovf").read_bytes())
     assert parsed.configuration == "large"
     assert [d.id for d, _ in parsed.disk_order()] == ["system_large", "data_large", "extra_data_large", "scratch_large"]
-    empty = ovf.parse_descriptor((CORPUS / "files/govmomi-ovf/disk-capacity-property.ovf").read_bytes())
+    empty = ovf.parse_descriptor(corpus_path("govmomi-ovf/disk-capacity-property.ovf").read_bytes())
     assert empty.disks["vmdisk_data"].capacity == 5 << 30 and empty.disks["vmdisk_data"].file_ref is None
 
 
