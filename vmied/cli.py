@@ -18,7 +18,7 @@ from typing import Any, TextIO
 
 import uvloop
 
-from . import __version__
+from . import __version__, malloc
 from .convert import convert
 from .errors import Cancelled, UsageError, VmiedError
 from .formats import open_reader, output_formats
@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="configuration file (default: /etc/vmied/vmied.toml and /etc/vmied/conf.d/*.toml)")
     serve.add_argument("--show-config", action="store_true",
                        help="print the effective configuration (secrets masked) and exit")
-    serve.set_defaults(run=run_serve, loop_factory=uvloop.new_event_loop)
+    serve.set_defaults(run=run_serve)
 
     from .taskctl import add_tasks_parser
 
@@ -216,8 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run: Callable[[argparse.Namespace], Coroutine[Any, Any, int]] = args.run
+    malloc.tune()
     try:
-        with asyncio.Runner(loop_factory=getattr(args, "loop_factory", None)) as runner:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(run(args))
     except VmiedError as exc:
         if isinstance(exc, Cancelled):
