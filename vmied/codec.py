@@ -28,7 +28,7 @@ def inflate(data: Buffer, expected: int) -> bytes | bytearray:
     """Inflate one zlib stream that must produce exactly ``expected`` bytes."""
     try:
         # libdeflate needs the output size and fails when the stream does not fill it exactly
-        out: bytes | bytearray = _libdeflate.zlib_decompress(bytes(data), expected)
+        out: bytes | bytearray = _libdeflate.zlib_decompress(data, expected)
     except _INFLATE_ERRORS as exc:
         out = _inflate_diagnose(data, expected, exc)
     if len(out) != expected:
@@ -55,7 +55,7 @@ def deflate(data: Buffer, level: int = DEFAULT_LEVEL) -> bytes:
     return compressed
 
 
-def inflate_grains(grains: Sequence[bytes], grain_size: int, length: int) -> list[bytes | bytearray]:
+def inflate_grains(grains: Sequence[Buffer], grain_size: int, length: int) -> list[bytes | bytearray]:
     """Worker job: inflate the grains of a DEFLATED extent covering ``length`` bytes.
 
     Every grain must inflate to ``grain_size``, but the last grain of a disk whose size is not
@@ -75,7 +75,7 @@ def inflate_grains(grains: Sequence[bytes], grain_size: int, length: int) -> lis
     return out
 
 
-def inflate_extent(grains: Sequence[bytes], grain_size: int, length: int) -> bytes:
+def inflate_extent(grains: Sequence[Buffer], grain_size: int, length: int) -> bytes:
     """Worker job: the grains of a DEFLATED extent inflated into one buffer (joined off the loop)."""
     return b"".join(inflate_grains(grains, grain_size, length))
 

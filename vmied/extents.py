@@ -32,7 +32,7 @@ class Extent:
     offset: int
     length: int
     data: Buffer | None = None
-    grains: tuple[bytes, ...] = field(default=())
+    grains: tuple[Buffer, ...] = field(default=())
     grain_size: int = 0
 
     @property
@@ -48,7 +48,7 @@ class Extent:
         return Extent(Kind.DATA, offset, len(data), data)
 
     @staticmethod
-    def deflated(offset: int, length: int, grains: tuple[bytes, ...], grain_size: int) -> Extent:
+    def deflated(offset: int, length: int, grains: tuple[Buffer, ...], grain_size: int) -> Extent:
         return Extent(Kind.DEFLATED, offset, length, grains=grains, grain_size=grain_size)
 
 

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from ..extents import Extent, Kind
+from .. import codec
+from ..extents import Buffer, Extent, Kind
 from ..fastio import zero_grains
 from ..io.base import DEFAULT_WINDOW, Source
 from ..pipeline import Workers, ordered_map
-from .base import ImageInfo, Reader, Writer, inflated
+from .base import ImageInfo, Reader, Writer
 
 #: Granularity of zero detection: the VMDK grain and store grain size.
 ZERO_GRANULE = 64 * 1024
 
 
-def split_zero_runs(offset: int, data: bytes, granule: int = ZERO_GRANULE) -> list[Extent]:
+def split_zero_runs(offset: int, data: Buffer, granule: int = ZERO_GRANULE) -> list[Extent]:
     """Cut a buffer into DATA and ZERO extents at ``granule`` boundaries (runs merged)."""
     flags = zero_grains(data, granule)
     out: list[Extent] = []
@@ -90,14 +91,27 @@ class RawWriter(Writer):
     format = "raw"
 
     async def write(self, extents: AsyncIterator[Extent]) -> None:
-        async for extent in inflated(extents, self.workers):
+        async def pieces(extent: Extent) -> list[Extent]:
             if extent.kind is Kind.ZERO:
-                await self.sink.skip(extent.length)
-                continue
-            assert extent.data is not None
-            for piece in await self.workers.run(split_zero_runs, extent.offset, extent.data):
+                return [extent]
+            return await self.workers.run(plain_pieces, extent)
+
+        async for batch in ordered_map(pieces, extents):
+            for piece in batch:
                 if piece.kind is Kind.ZERO:
                     await self.sink.skip(piece.length)
                 else:
                     assert piece.data is not None
                     await self.sink.write(piece.data)
+
+
+def plain_pieces(extent: Extent) -> list[Extent]:
+    """Worker job: a DATA or DEFLATED extent as DATA and ZERO pieces (inflated, zeros found) at once."""
+    if extent.kind is Kind.DEFLATED:
+        # grain by grain, not joined: the sink gathers them by reference into vectored writes
+        pieces: list[Extent] = []
+        for index, plain in enumerate(codec.inflate_grains(extent.grains, extent.grain_size, extent.length)):
+            pieces.extend(split_zero_runs(extent.offset + index * extent.grain_size, plain))
+        return pieces
+    assert extent.data is not None
+    return split_zero_runs(extent.offset, extent.data)

@@ -290,7 +290,7 @@ async def split_block(workers: Workers, extents: list[Extent]) -> list[Extent]:
         out: list[Extent] = []
         for extent in extents:
             if extent.kind is Kind.DATA and extent.data is not None:
-                out.extend(split_zero_runs(extent.offset, bytes(extent.data)))
+                out.extend(split_zero_runs(extent.offset, extent.data))
             else:
                 out.append(extent)
         return merge_zero(out)

@@ -243,7 +243,7 @@ class SparseExtentReader:
     async def _stream_extents(self, base: int) -> AsyncIterator[Extent]:
         grain_bytes = self.header.grain_bytes
         position = 0  # virtual bytes of this extent covered so far
-        batch: list[bytes] = []
+        batch: list[Buffer] = []
         batch_start = 0
         async for lba, data in self._stream_grains():
             offset = lba * SECTOR
@@ -268,11 +268,11 @@ class SparseExtentReader:
         if position < self.size:
             yield Extent.zero(base + position, self.size - position)
 
-    def _deflated(self, base: int, start: int, grains: list[bytes]) -> Extent:
+    def _deflated(self, base: int, start: int, grains: list[Buffer]) -> Extent:
         length = min(len(grains) * self.header.grain_bytes, self.size - start)
         return Extent.deflated(base + start, length, tuple(grains), self.header.grain_bytes)
 
-    async def _stream_grains(self) -> AsyncIterator[tuple[int, bytes]]:
+    async def _stream_grains(self) -> AsyncIterator[tuple[int, memoryview]]:
         """(lba, compressed data) of each grain marker, in file order; metadata skipped."""
         max_data = max_compressed(self.header.grain_bytes)
         start = self.header.overhead * SECTOR
@@ -291,9 +291,10 @@ class SparseExtentReader:
                 except ValueError:
                     raise CorruptImage("VMDK grain marker claims more data than a grain can compress to",
                                        reason="vmdk.grain-size") from None
+                view = memoryview(buf)  # grains are views: the window is not copied grain by grain
                 for lba, data_offset, size in grains:
                     at = cursor + data_offset
-                    yield lba, buf[at : at + size]
+                    yield lba, view[at : at + size]
                 cursor += consumed
                 if cursor + MARKER.size > len(buf) or U32.unpack_from(buf, cursor + 8)[0] != 0:
                     break  # need more bytes: an incomplete marker or grain
@@ -490,10 +491,10 @@ def _padded(data: Buffer) -> bytes:
 
 
 #: A grain record as pieces for a gathering sink: marker head, deflated grain, sector padding.
-Record = tuple[bytes, bytes, bytes]
+Record = tuple[bytes, Buffer, bytes]
 
 
-def grain_record(lba: int, compressed: bytes) -> Record:
+def grain_record(lba: int, compressed: Buffer) -> Record:
     """A grain marker and its data, padded to a sector, without copying the data."""
     head = struct.pack("<QI", lba, len(compressed))
     return head, compressed, _ZERO_PAD[: -(len(head) + len(compressed)) % SECTOR]
@@ -507,7 +508,7 @@ def stream_grain_record(lba: int, compressed: bytes) -> bytes:
 _ZERO_PAD = bytes(SECTOR)
 
 
-def grain_records(grains: list[bytes | None], first: int, grain_sectors: int) -> list[Record | None]:
+def grain_records(grains: list[Buffer | None], first: int, grain_sectors: int) -> list[Record | None]:
     """Frame deflated grains as stream records in the worker, so the writer only places them."""
     return [None if grain is None else grain_record((first + i) * grain_sectors, grain)
             for i, grain in enumerate(grains)]
@@ -518,7 +519,7 @@ def compress_records(data: Buffer, grain_bytes: int, first: int) -> list[Record 
     return grain_records(compress_grains(data, grain_bytes), first, grain_bytes // SECTOR)
 
 
-def verify_records(grains: tuple[bytes, ...], grain_bytes: int, length: int, first: int) -> list[Record | None]:
+def verify_records(grains: tuple[Buffer, ...], grain_bytes: int, length: int, first: int) -> list[Record | None]:
     """Worker job for pass-through grains: checked (see verify_grains), then framed."""
     return grain_records(verify_grains(grains, grain_bytes, length), first, grain_bytes // SECTOR)
 
@@ -527,7 +528,7 @@ def metadata_marker(sectors: int, kind: int) -> bytes:
     return MARKER.pack(sectors, 0, kind) + bytes(SECTOR - MARKER.size)
 
 
-def compress_grains(data: Buffer, grain_bytes: int) -> list[bytes | None]:
+def compress_grains(data: Buffer, grain_bytes: int) -> list[Buffer | None]:
     """Worker job: deflate each grain of ``data``; None for all-zero grains (left unallocated)."""
     view = memoryview(data)
     flags = zero_grains(view, grain_bytes)
@@ -535,7 +536,7 @@ def compress_grains(data: Buffer, grain_bytes: int) -> list[bytes | None]:
             for i in range(len(flags))]
 
 
-def verify_grains(grains: tuple[bytes, ...], grain_bytes: int, length: int) -> list[bytes | None]:
+def verify_grains(grains: tuple[Buffer, ...], grain_bytes: int, length: int) -> list[Buffer | None]:
     """Worker job for pass-through: every grain must inflate to its size; None where all zero.
 
     A short last grain (an odd-sized disk) is deflated again as a whole grain, which is what

@@ -156,7 +156,9 @@ def encode_batch(extents: list[Extent], keep_plain: bool) -> Encoded:
                 if is_zero(plain):
                     continue
                 # pass-through; only a short last grain (odd-sized disk) is deflated again, whole
-                _store(out, first + number, stream if len(plain) == GRAIN_SIZE else codec.deflate(_whole_grain(plain)))
+                # (a copy: a grain may be a view into a source window the pack must not keep alive)
+                _store(out, first + number,
+                       bytes(stream) if len(plain) == GRAIN_SIZE else codec.deflate(_whole_grain(plain)))
     return out
 
 
