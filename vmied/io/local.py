@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+from collections import deque
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -14,6 +15,8 @@ from .base import Sink, Source, check_sibling_name
 
 T = TypeVar("T")
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+#: Buffered writes a FileSink lets run while its writer goes on (each is one sink buffer, 8 MiB).
+WRITES_IN_FLIGHT = 2
 
 
 async def _io(fn: Callable[..., T], *args: object) -> T:
@@ -76,6 +79,7 @@ class FileSink(Sink):
         self._fd = fd
         self._partial = partial
         self._sparse = sparse
+        self._in_flight: deque[asyncio.Future[None]] = deque()
 
     @classmethod
     async def create(cls, path: str, sparse: bool = True, sync: bool = True) -> FileSink:
@@ -99,16 +103,28 @@ class FileSink(Sink):
             raise _storage_error(self.path, exc, "write") from None
 
     async def _write_chunks(self, offset: int, chunks: list[Buffer]) -> None:
+        """Write behind: the writer goes on while up to WRITES_IN_FLIGHT writes run (distinct offsets)."""
+        self._in_flight.append(asyncio.ensure_future(_io(_pwritev_all, self._fd, chunks, offset)))
+        while len(self._in_flight) > WRITES_IN_FLIGHT:
+            await self._settle(self._in_flight.popleft())
+
+    async def _settle(self, write: asyncio.Future[None]) -> None:
         try:
-            await _io(_pwritev_all, self._fd, chunks, offset)
+            await write
         except OSError as exc:
             raise _storage_error(self.path, exc, "write") from None
 
+    async def _drain(self) -> None:
+        while self._in_flight:
+            await self._settle(self._in_flight.popleft())
+
     async def _fill(self, offset: int, data: bytes) -> None:
+        await self._drain()
         await self._write_at(offset, data)
 
     async def _finish(self, size: int) -> None:
         try:
+            await self._drain()
             await _io(_finish_file, self._fd, size, self._partial, self.path, self._sync)
         except OSError as exc:
             raise _storage_error(self.path, exc, "write") from None
@@ -117,6 +133,8 @@ class FileSink(Sink):
             self._fd = -1
 
     async def abort(self) -> None:
+        await asyncio.gather(*self._in_flight, return_exceptions=True)  # no write may outlive the fd
+        self._in_flight.clear()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
