@@ -39,6 +39,7 @@ from vmied.io.s3 import (
     MIN_PART,
     S3Config,
     S3Location,
+    S3Sink,
     base_part_size,
     part_size,
     plan_capacity,
@@ -181,6 +182,36 @@ async def test_placeholders_keep_their_parts_until_filled(moto: S3Server) -> Non
     await sink.commit()
     body = moto.client().get_object(Bucket=BUCKET, Key="placeholders")["Body"].read()
     assert body == bytes(expected)
+
+
+async def test_zero_runs_become_shared_zero_parts(moto: S3Server) -> None:
+    """Skipped zeros: whole parts go out from one shared buffer, partial ones and a part holding a
+    placeholder are assembled as usual; the object is byte for byte what was written."""
+    config = moto.config(part_size=MIN_PART, parts_in_flight=2)
+    sink = await create_sink(url("zeros"), config)
+    assert isinstance(sink, S3Sink)
+    rng = random.Random(4)
+    expected = bytearray()
+    lead = rng.randbytes(MiB + 7)
+    await sink.write(lead)
+    expected += lead
+    await sink.skip(4 * MIN_PART)  # finishes part 1, three whole zero parts, then part of the next
+    expected += bytes(4 * MIN_PART)
+    placeholder = await sink.reserve(512)  # inside a zero run: its part is assembled, not shared
+    expected += bytes(512)
+    await sink.skip(2 * MIN_PART)
+    expected += bytes(2 * MIN_PART)
+    tail = rng.randbytes(1000)
+    await sink.write(tail)
+    expected += tail
+    filler = rng.randbytes(512)
+    await sink.fill(placeholder, filler)
+    expected[placeholder.offset : placeholder.offset + 512] = filler
+    await sink.commit()
+    assert sink.zero_parts == 4  # parts 2, 3, 4 and 6
+    body = moto.client().get_object(Bucket=BUCKET, Key="zeros")["Body"].read()
+    assert len(body) == len(expected) and body == bytes(expected)
+    assert moto.uploads() == []
 
 
 async def test_read_with_one_identity_write_with_another(seaweed: S3Server, disk: Path) -> None:

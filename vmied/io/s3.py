@@ -128,7 +128,7 @@ def part_size(index: int, base: int) -> int:
     return min(MAX_PART, base << ((index - FLAT_PARTS) // GROWTH_STEP + 1))
 
 
-def content_md5(data: bytes | bytearray) -> str:
+def content_md5(data: Buffer) -> str:
     return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
 
 
@@ -301,6 +301,8 @@ class S3Sink(Sink):
         #: called with (part number, ETag, size) after each part is uploaded
         self.on_part: Callable[[int, str, int], None] | None = None
         self.parts_skipped = 0
+        self.zero_parts = 0  # parts sent from the shared zero buffer
+        self._zeros: dict[int, tuple[bytes, str]] = {}  # part size -> (shared zero part, its Content-MD5)
 
     @classmethod
     async def create(cls, location: S3Location, config: S3Config, expected_size: int | None = None) -> S3Sink:
@@ -382,6 +384,40 @@ class S3Sink(Sink):
 
     # -- parts
 
+    async def skip(self, length: int) -> None:
+        """Zeros. An object has no holes, but a whole part of zeros need not be assembled and hashed:
+        it is sent from one shared zero buffer whose Content-MD5 is computed once (raw outputs are
+        mostly such parts)."""
+        await self.flush()
+        while length > 0:
+            size = part_size(self._part_index, self.part_base)
+            if self._part or length < size:  # (placeholders lie behind: never in a part still to come)
+                step = min(length, size - len(self._part))  # up to the next part boundary
+                await self.write_zeros(step)
+                await self.flush()
+            else:
+                step = size
+                index = self._part_index
+                self._part_index += 1
+                self._part_offset += size
+                self.position += size
+                self.bytes_written += size
+                self.zero_parts += 1
+                await self._upload(index, self._zero_part(size))
+            length -= step
+
+    def _zero_part(self, size: int) -> bytes:
+        if size not in self._zeros:
+            zeros = bytes(size)
+            self._zeros = {size: (zeros, content_md5(zeros))}  # part sizes only grow: keep the last
+        return self._zeros[size][0]
+
+    async def _content_md5(self, data: Buffer) -> str:
+        zero = self._zeros.get(len(data))
+        if zero is not None and data is zero[0]:
+            return zero[1]
+        return await asyncio.to_thread(content_md5, data)
+
     async def _write_at(self, offset: int, data: bytes) -> None:
         assert offset == self._part_offset + len(self._part), "sinks are written in order"
         self._part += data
@@ -396,7 +432,7 @@ class S3Sink(Sink):
             else:
                 await self._upload(index, part)
 
-    async def _upload(self, index: int, data: bytearray) -> None:
+    async def _upload(self, index: int, data: Buffer) -> None:
         """Start uploading part ``index`` once slots are free (the writer waits: back pressure)."""
         self._raise_failed()
         if await self._uploaded_before(index + 1, data):
@@ -419,7 +455,7 @@ class S3Sink(Sink):
         task = asyncio.ensure_future(self._upload_part(index + 1, data, weight))
         self._tasks.add(task)
 
-    async def _uploaded_before(self, number: int, data: bytearray) -> bool:
+    async def _uploaded_before(self, number: int, data: Buffer) -> bool:
         """Resumable mode: whether an earlier attempt uploaded exactly these bytes as part ``number``."""
         earlier = self._done_before.pop(number, None)
         if earlier is None:
@@ -444,11 +480,11 @@ class S3Sink(Sink):
         for _ in range(weight):
             self._slots.release()
 
-    async def _upload_part(self, number: int, data: bytearray, weight: int) -> None:
+    async def _upload_part(self, number: int, data: Buffer, weight: int) -> None:
         metrics.PARTS_IN_FLIGHT.inc()
         metrics.BUFFERED_BYTES.inc(len(data))
         try:
-            md5 = await asyncio.to_thread(content_md5, data)
+            md5 = await self._content_md5(data)
             response = await self._request(
                 "s3:PutObject (UploadPart)", f"UploadPart {number} of",
                 lambda: self._client.upload_part(Bucket=self.location.bucket, Key=self.location.key,
