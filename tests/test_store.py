@@ -40,7 +40,7 @@ from vmied.extents import Extent, Kind
 from vmied.io.local import FileSink
 from vmied.io.s3 import MIN_PART, S3Sink
 from vmied.metrics import REGISTRY
-from vmied.pipeline import Progress, Workers
+from vmied.pipeline import OrderedDigest, Progress, Workers
 from vmied.store import (
     CorruptSnapshot,
     LocalObjects,
@@ -870,9 +870,19 @@ async def test_rewriting_an_interrupted_snapshot_starts_clean(local: Backend, wo
 
 
 def test_digest_jobs_cut_long_zero_runs() -> None:
-    digest = store_module._Digest(2)
+    digest = OrderedDigest(2)
     jobs = digest._jobs([b"ab", 600 * MiB, b"c", 5])
     assert jobs == [[b"ab"], [256 * MiB], [256 * MiB], [88 * MiB], [b"c", 5]]
+    digest.close()
+
+
+async def test_ordered_digest_is_the_sha256_of_what_it_was_fed_in_order() -> None:
+    digest = OrderedDigest(1)
+    pieces: list[bytes | int] = [b"head", 3 * MiB + 5, *(bytes([n]) * 70_000 for n in range(1, 20)), 7, b"tail"]
+    for piece in pieces:
+        await digest.feed([piece])
+    expected = hashlib.sha256(b"".join(bytes(p) if isinstance(p, int) else p for p in pieces)).hexdigest()
+    assert await digest.hexdigest() == expected
     digest.close()
 
 

@@ -8,15 +8,17 @@ flight, so memory is bounded by ``depth × batch`` whatever the disk size.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from .errors import Cancelled
+from .extents import Buffer
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -132,3 +134,64 @@ class Progress:
     @property
     def elapsed(self) -> float:
         return time.monotonic() - self.started
+
+
+class OrderedDigest:
+    """A SHA-256 fed in order on one thread of its own, ``depth`` jobs queued at most: the caller
+    goes on while earlier bytes are hashed (a disk for the store, an OVA member for its manifest).
+
+    Zero runs are hashed by the megabyte in jobs of at most ZERO_JOB bytes, so no single job runs
+    long, and closing never waits on the event loop for a job to finish.
+    """
+
+    ZERO_JOB = 256 << 20
+
+    def __init__(self, depth: int) -> None:
+        self._sha = hashlib.sha256()
+        self._depth = depth
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="vmied-digest")
+        self._queued: deque[asyncio.Future[None]] = deque()
+
+    async def feed(self, pieces: list[Buffer | int]) -> None:
+        loop = asyncio.get_running_loop()
+        for job in self._jobs(pieces):
+            self._queued.append(loop.run_in_executor(self._thread, _hash, self._sha, job))
+            if len(self._queued) > self._depth:
+                await self._queued.popleft()
+
+    def _jobs(self, pieces: list[Buffer | int]) -> list[list[Buffer | int]]:
+        jobs: list[list[Buffer | int]] = [[]]
+        for piece in pieces:
+            if isinstance(piece, int) and piece > self.ZERO_JOB:
+                jobs += [[min(self.ZERO_JOB, piece - at)] for at in range(0, piece, self.ZERO_JOB)]
+                jobs.append([])
+            else:
+                jobs[-1].append(piece)
+        return [job for job in jobs if job]
+
+    async def hexdigest(self) -> str:
+        while self._queued:
+            await self._queued.popleft()
+        return self._sha.hexdigest()
+
+    def close(self) -> None:
+        for future in self._queued:
+            future.cancel()
+        self._thread.shutdown(wait=False, cancel_futures=True)
+
+
+#: Zeros are hashed from one buffer of this size.
+ZERO_CHUNK = 1 << 20
+
+
+def _hash(sha: Any, pieces: list[Buffer | int]) -> None:
+    """Thread job: feed plain bytes, zeros by the megabyte."""
+    zeros = bytes(ZERO_CHUNK)
+    for piece in pieces:
+        if isinstance(piece, int):
+            full, rest = divmod(piece, ZERO_CHUNK)
+            for _ in range(full):
+                sha.update(zeros)
+            sha.update(zeros[:rest])
+        else:
+            sha.update(piece)

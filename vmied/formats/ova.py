@@ -37,7 +37,7 @@ from ..errors import CorruptImage, UnsupportedImage
 from ..extents import Extent
 from ..io.base import MiB, Sink, Source
 from ..io.slice import ConcatSource, DigestingSource, GunzipSource, SliceSource
-from ..pipeline import Workers
+from ..pipeline import OrderedDigest, Workers
 from . import ovf
 from .base import ImageInfo, Reader, Writer
 from .ovf import Descriptor, ManifestEntry, OvfDisk, OvfFile, VirtualSystem
@@ -520,23 +520,27 @@ class MemberSink(Sink):
     placeholder may be filled while its bytes are still buffered, not after they were digested.
     """
 
-    def __init__(self, outer: Sink, name: str, workers: Workers) -> None:
+    def __init__(self, outer: Sink, name: str) -> None:
         super().__init__(buffer_size=4 * MiB)
-        self.outer, self.name, self.workers = outer, name, workers
-        self.digest = hashlib.sha256()
+        self.outer, self.name = outer, name
+        self._digest = OrderedDigest(depth=4)  # hashed on its own thread while the writer goes on
+        self.sha256 = ""  # hex digest, once committed
 
     async def _write_at(self, offset: int, data: bytes) -> None:
-        await self.workers.run(self.digest.update, data)
+        await self._digest.feed([data])
         await self.outer.write(data)
 
     async def _fill(self, offset: int, data: bytes) -> None:
         raise ValueError(f"{self.name}: an OVA member is digested as it is written and cannot be patched")
 
     async def _finish(self, size: int) -> None:
-        return None
+        try:
+            self.sha256 = await self._digest.hexdigest()
+        finally:
+            self._digest.close()
 
     async def abort(self) -> None:
-        return None  # the outer sink is aborted by whoever owns it
+        self._digest.close()  # the outer sink is aborted by whoever owns it
 
 
 def tar_header(name: str, size: int, mtime: int) -> bytes:
@@ -620,16 +624,20 @@ async def write_appliance(
     specs, digests = [], []
     for href, virtual_size, extents in disks:
         header_slot = await sink.reserve(BLOCK)
-        member = MemberSink(sink, href, workers)
-        await VmdkWriter(
-            member, virtual_size,
-            {**(disk_options or {}), "subformat": "streamOptimized", "adapter_type": adapter_type}, workers
-        ).write(extents)
-        await member.commit()
+        member = MemberSink(sink, href)
+        try:
+            await VmdkWriter(
+                member, virtual_size,
+                {**(disk_options or {}), "subformat": "streamOptimized", "adapter_type": adapter_type}, workers
+            ).write(extents)
+            await member.commit()
+        except BaseException:
+            await member.abort()
+            raise
         await sink.fill(header_slot, tar_header(href, member.position, mtime))
         await pad_member(sink, member.position)
         specs.append(ovf.DiskSpec(href, virtual_size, member.position))
-        digests.append(member.digest.hexdigest())
+        digests.append(member.sha256)
     await sink.write_zeros(2 * BLOCK)
     descriptor = ovf.padded(ovf.build_descriptor(hardware, specs), room)
     await sink.fill(descriptor_slot, descriptor)

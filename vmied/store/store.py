@@ -24,12 +24,10 @@ extents (64 KiB grains) in windows of ``window`` bytes, ``readahead`` of them in
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from bisect import bisect_left
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +38,7 @@ from ..fastio import is_zero, zero_grains
 from ..formats.base import ImageInfo, Reader
 from ..io.base import Sink, Source
 from ..metrics import STORE_BYTES, STORE_GRAINS
-from ..pipeline import DEFAULT_DEPTH, Progress, Workers, ordered_map, prefetch
+from ..pipeline import DEFAULT_DEPTH, OrderedDigest, Progress, Workers, ordered_map, prefetch
 from .layout import (
     GRAIN_SIZE,
     MANIFEST_NAME,
@@ -176,62 +174,6 @@ def _passable(extent: Extent, virtual_size: int) -> bool:
     return (extent.grain_size == GRAIN_SIZE and extent.offset % GRAIN_SIZE == 0
             and len(extent.grains) == grain_count(extent.length)
             and (extent.length % GRAIN_SIZE == 0 or extent.end == virtual_size))
-
-
-class _Digest:
-    """SHA-256 of the virtual disk, fed in order on one thread of its own, ``depth`` jobs queued at most.
-
-    Zero runs are hashed by the megabyte in jobs of at most ZERO_JOB bytes, so no single job runs
-    long, and closing never waits on the event loop for a job to finish.
-    """
-
-    ZERO_JOB = 256 * MiB
-
-    def __init__(self, depth: int) -> None:
-        self._sha = hashlib.sha256()
-        self._depth = depth
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="vmied-digest")
-        self._queued: deque[asyncio.Future[None]] = deque()
-
-    async def feed(self, pieces: list[Buffer | int]) -> None:
-        loop = asyncio.get_running_loop()
-        for job in self._jobs(pieces):
-            self._queued.append(loop.run_in_executor(self._thread, _hash, self._sha, job))
-            if len(self._queued) > self._depth:
-                await self._queued.popleft()
-
-    def _jobs(self, pieces: list[Buffer | int]) -> list[list[Buffer | int]]:
-        jobs: list[list[Buffer | int]] = [[]]
-        for piece in pieces:
-            if isinstance(piece, int) and piece > self.ZERO_JOB:
-                jobs += [[min(self.ZERO_JOB, piece - at)] for at in range(0, piece, self.ZERO_JOB)]
-                jobs.append([])
-            else:
-                jobs[-1].append(piece)
-        return [job for job in jobs if job]
-
-    async def hexdigest(self) -> str:
-        while self._queued:
-            await self._queued.popleft()
-        return self._sha.hexdigest()
-
-    def close(self) -> None:
-        for future in self._queued:
-            future.cancel()
-        self._thread.shutdown(wait=False, cancel_futures=True)
-
-
-def _hash(sha: Any, pieces: list[Buffer | int]) -> None:
-    """Thread job: feed plain bytes, zeros by the megabyte."""
-    zeros = bytes(MiB)
-    for piece in pieces:
-        if isinstance(piece, int):
-            full, rest = divmod(piece, MiB)
-            for _ in range(full):
-                sha.update(zeros)
-            sha.update(zeros[:rest])
-        else:
-            sha.update(piece)
 
 
 def inflate_run(out: bytearray, offset: int, grains: list[int], streams: list[bytes]) -> None:
@@ -533,7 +475,7 @@ class _SnapshotWriter:
 
     async def run(self, extents: AsyncIterator[Extent]) -> StoredSnapshot:
         workers = self.store.workers
-        digest = _Digest(self.options.depth) if self.virtual_size <= self.options.digest_max_size else None
+        digest = OrderedDigest(self.options.depth) if self.virtual_size <= self.options.digest_max_size else None
         # the source runs in its own task, so a slow source read never stalls the packs, nor the reverse
         source = prefetch(checked(extents, self.virtual_size), self.options.depth)
         passable = self._passable(source)
