@@ -26,7 +26,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-from run import measure, prepare  # noqa: E402
+from run import compile_bytecode, measure, prepare  # noqa: E402
 
 from tests.s3server import BUCKET, PROFILES, S3Server, seaweed_running  # noqa: E402
 
@@ -121,6 +121,7 @@ def main() -> int:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     wanted = set(args.cases.split(",")) if args.cases else None
+    compile_bytecode()
     with tempfile.TemporaryDirectory(dir=args.work) as root, seaweed_running(Path(root)) as s3:
         env = aws_environment(Path(root))
         client = s3.client()
