@@ -24,7 +24,7 @@ from .errors import Cancelled, UsageError, VmiedError
 from .formats import open_reader, output_formats
 from .io.base import DEFAULT_READAHEAD, DEFAULT_WINDOW, MiB
 from .io.open import create_sink, open_source
-from .io.s3 import S3Config
+from .io.s3 import DEFAULT_PART_SIZE, DEFAULT_PARTS_IN_FLIGHT, S3Config
 from .pipeline import Progress, Workers
 
 EXIT_UNEXPECTED = 1
@@ -156,9 +156,9 @@ def add_storage_arguments(parser: argparse.ArgumentParser, destination: bool) ->
                        help="size of one ranged read of a sequential pass, in MiB")
     group.add_argument("--readahead", type=int, default=DEFAULT_READAHEAD, metavar="N",
                        help="ranged reads in flight ahead of the reader")
-    group.add_argument("--part-size", type=int, default=16, metavar="MIB",
+    group.add_argument("--part-size", type=int, default=DEFAULT_PART_SIZE // MiB, metavar="MIB",
                        help="base multipart part size in MiB (grown only for very large outputs)")
-    group.add_argument("--parts-in-flight", type=int, default=4, metavar="N",
+    group.add_argument("--parts-in-flight", type=int, default=DEFAULT_PARTS_IN_FLIGHT, metavar="N",
                        help="parts uploaded at once (memory: part size x (N + 1))")
     if destination:
         group.add_argument("--dest-profile", help="AWS profile for the destination (overrides --profile)")

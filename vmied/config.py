@@ -31,7 +31,7 @@ from typing import Any
 
 from .errors import UsageError
 from .io.base import DEFAULT_READAHEAD, DEFAULT_WINDOW, MiB
-from .io.s3 import DEFAULT_PART_SIZE, S3Config
+from .io.s3 import DEFAULT_PART_SIZE, DEFAULT_PARTS_IN_FLIGHT, S3Config
 
 SYSTEM_CONFIG = "/etc/vmied/vmied.toml"
 SYSTEM_DROP_INS = "/etc/vmied/conf.d"
@@ -215,7 +215,7 @@ class LimitsConfig:
     readahead: int = field(default=DEFAULT_READAHEAD, metadata=meta(at_least(0)))
     part_size: int = field(default=DEFAULT_PART_SIZE,
                            metadata=meta(at_least(5 * MiB, "5MiB (the S3 minimum)"), "size"))
-    parts_in_flight: int = field(default=4, metadata=meta(at_least(1)))
+    parts_in_flight: int = field(default=DEFAULT_PARTS_IN_FLIGHT, metadata=meta(at_least(1)))
 
 
 def check_policy(policy: Any) -> str | None:

@@ -56,6 +56,7 @@ T = TypeVar("T")
 GiB = 1 << 30
 MIN_PART = 5 * MiB
 DEFAULT_PART_SIZE = 8 * MiB
+DEFAULT_PARTS_IN_FLIGHT = 4
 MAX_PART = 5 * GiB
 MAX_PARTS = 10_000
 #: Parts at the base size before sizes start doubling (see the module's table).
@@ -100,7 +101,7 @@ class S3Config:
     window: int = DEFAULT_WINDOW  # one ranged GET of a sequential pass
     readahead: int = DEFAULT_READAHEAD  # ranged GETs in flight ahead of the reader
     part_size: int = DEFAULT_PART_SIZE  # base part size (grown only by the plan, see the module's table)
-    parts_in_flight: int = 4
+    parts_in_flight: int = DEFAULT_PARTS_IN_FLIGHT
     connections: int = 16
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
