@@ -171,13 +171,13 @@ class HeldServer:
 # --- in-process service configuration --------------------------------------------------------------
 
 def service_config(state: Path, s3: S3Server, *, import_tasks: int = 20, read_buckets: list[str] | None = None,
-                   disks_per_image: int = 21) -> Config:
+                   disks_per_image: int = 21, read_urls: list[str] | None = None) -> Config:
     """A Config for ``Service.start`` in the test's process: temp state, the test S3 server as sources."""
     return Config(
         server=dataclasses.replace(ServerConfig(), account_id=ACCOUNT, region=REGION),
         state=StateConfig(directory=str(state)),
         s3=S3AccessConfig(endpoint_url=s3.endpoint, profile=s3.profile, region=REGION, path_style=True),
-        role=RoleConfig(read_buckets=read_buckets or [BUCKET], write_buckets=[BUCKET]),
+        role=RoleConfig(read_buckets=read_buckets or [BUCKET], write_buckets=[BUCKET], read_urls=read_urls or ["*"]),
         limits=dataclasses.replace(LimitsConfig(), import_tasks=import_tasks, workers=2,
                                    disks_per_image=disks_per_image),
         credentials_file=str(state / "aws-credentials"), aws_config_file=str(state / "aws-config"))
@@ -222,6 +222,7 @@ path_style = true
 
 [role]
 read_buckets = [{buckets}]
+read_urls = ["*"]
 
 [limits]
 import_tasks = {import_tasks}

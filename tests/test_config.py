@@ -47,6 +47,7 @@ def test_defaults_without_any_file(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert config.state.database == str(tmp_path / "state" / "vmied.db")
     assert (config.store.kind, config.store.path) == ("local", str(tmp_path / "state" / "store"))
     assert config.role.read_buckets == ["*"] and config.role.write_buckets == ["*"]
+    assert config.role.read_urls == ["https://*"]  # a URL source is a fetch the caller chooses
     limits = config.limits
     assert (limits.import_tasks, limits.export_tasks, limits.disks_per_image) == (20, 5, 21)
     assert limits.max_export_bytes == 1 << 40

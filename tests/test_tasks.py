@@ -15,7 +15,7 @@ from tests.helpers import MiB
 from tests.s3server import BUCKET, S3Server, aws_files, moto, moto_server  # noqa: F401  (fixtures)
 from vmied.tasks import ids
 from vmied.tasks.db import ACTIVE, COMPLETED, DELETED, Task
-from vmied.tasks.imports import IMPORT_IMAGE, IMPORT_SNAPSHOT, snapshot_description
+from vmied.tasks.imports import IMPORT_IMAGE, IMPORT_SNAPSHOT, snapshot_description, url_origin
 from vmied.tasks.service import Service
 
 DISK = 6 * MiB
@@ -142,6 +142,33 @@ async def test_bad_input_ends_deleted_with_a_client_error(tmp_path: Path, moto: 
         assert await service.store.snapshots() == []
     finally:
         await service.stop(5)
+
+
+async def test_a_url_origin_outside_the_role_is_refused_before_any_request(
+        tmp_path: Path, moto: S3Server, images: dict[str, Path]) -> None:
+    """read_urls keeps URL sources (a fetch the caller chooses) to the origins the operator allows."""
+    held = HeldServer(images["vmdk2"])
+    held.release()
+    service = await Service.start(service_config(tmp_path, moto, read_urls=["https://*", "http://localhost:*"]))
+    try:
+        task, _ = await service.submit(new_task(IMPORT_SNAPSHOT, [{"Url": held.url}]))
+        done = await finished(service, task.id)
+        assert done.state == DELETED
+        origin = url_origin(held.url)
+        assert origin.startswith("http://127.0.0.1:")
+        assert done.status_message == (
+            "ClientError: The service role vmimport provided does not exist or does not have sufficient "
+            f"permissions (URL origin {origin} is not among the role's read_urls)")
+        assert held.requests == 0
+    finally:
+        held.close()
+        await service.stop(5)
+
+
+def test_url_origins_spell_out_the_port_and_lower_the_host() -> None:
+    assert url_origin("https://Example.COM/disk.vmdk?x=1") == "https://example.com:443"
+    assert url_origin("http://user:secret@10.0.0.5:8080/a") == "http://10.0.0.5:8080"
+    assert url_origin("http://[::1]/a") == "http://[::1]:80"
 
 
 async def test_a_bucket_outside_the_role_is_refused(tmp_path: Path, moto: S3Server, images: dict[str, Path]) -> None:

@@ -198,10 +198,14 @@ class S3AccessConfig:
 
 @dataclass(frozen=True)
 class RoleConfig:
-    """The ``vmimport`` role: fnmatch patterns of the buckets tasks may read and write."""
+    """The ``vmimport`` role: fnmatch patterns of the buckets tasks may read and write, and of the URL
+    origins (``scheme://host:port``) import sources may name. A URL source makes the daemon fetch
+    what a caller names, so by default only https (AWS's ``Url`` takes https and s3 URLs); narrow
+    ``read_urls`` further wherever the network behind the daemon is not public."""
 
     read_buckets: list[str] = field(default_factory=lambda: ["*"])
     write_buckets: list[str] = field(default_factory=lambda: ["*"])
+    read_urls: list[str] = field(default_factory=lambda: ["https://*"])
 
 
 @dataclass(frozen=True)

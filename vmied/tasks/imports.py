@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import fnmatch
 import logging
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,15 +130,28 @@ class Plan:
 
 
 def check_role(context: TaskContext, location: str) -> None:
-    """The ``vmimport`` role may read the bucket (docs/ec2-api.md §3.9)."""
+    """The ``vmimport`` role may read the bucket (docs/ec2-api.md §3.9), or the URL's origin."""
+    role = context.service.config.role
     bucket = bucket_of(location)
-    if bucket is None:
-        return
-    patterns = context.service.config.role.read_buckets
-    if not any(fnmatch.fnmatchcase(bucket, pattern) for pattern in patterns):
-        role = context.task.params.get("RoleName") or "vmimport"
-        raise TaskFailed(f"ClientError: The service role {role} provided does not exist or does not have "
-                         f"sufficient permissions (bucket {bucket} is not among the role's read_buckets)")
+    if bucket is not None:
+        what, subject, patterns, setting = "bucket", bucket, role.read_buckets, "read_buckets"
+    else:
+        what, subject, patterns, setting = "URL origin", url_origin(location), role.read_urls, "read_urls"
+    if not any(fnmatch.fnmatchcase(subject, pattern) for pattern in patterns):
+        role_name = context.task.params.get("RoleName") or "vmimport"
+        raise TaskFailed(f"ClientError: The service role {role_name} provided does not exist or does not have "
+                         f"sufficient permissions ({what} {subject} is not among the role's {setting})")
+
+
+def url_origin(url: str) -> str:
+    """``scheme://host:port`` of a URL, the port spelled out, the host lower-case (what read_urls match)."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme, 0)
+    except ValueError:
+        port = 0
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 async def plan_container(context: TaskContext, plan: Plan, number: int, container: dict[str, Any]) -> None:
