@@ -67,6 +67,8 @@ level = "{level}"
 format = "json"
 [state]
 directory = "{self.state}"
+[role]
+read_urls = ["http://127.0.0.1:*"]  # the tests' sources are HTTP servers on loopback
 {self.extra if extra is None else extra}
 """)
 
