@@ -19,6 +19,7 @@ seconds or strings such as ``"90s"``, ``"5m"``.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import glob
 import json
 import os
@@ -206,6 +207,11 @@ class RoleConfig:
     read_buckets: list[str] = field(default_factory=lambda: ["*"])
     write_buckets: list[str] = field(default_factory=lambda: ["*"])
     read_urls: list[str] = field(default_factory=lambda: ["https://*"])
+
+    @staticmethod
+    def allows(name: str, patterns: list[str]) -> bool:
+        """Whether ``name`` (a bucket, a URL origin) matches one of ``patterns``, case-sensitively."""
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,6 @@ from ..tasks.export_tasks import (
     TARGET_ENVIRONMENTS,
     extension,
     object_key,
-    write_allowed,
 )
 from ..tasks.service import ServiceUnavailable
 from .images import check_image_id
@@ -62,7 +61,8 @@ def check_description(params: dict[str, Any]) -> str:
 def check_bucket(ctx: RequestContext, bucket: str | None, where: str, role: str) -> str:
     if not bucket:
         raise missing_parameter(where)
-    if not write_allowed(bucket, service_of(ctx).config.role.write_buckets):
+    role_config = service_of(ctx).config.role  # may it write the bucket (docs/ec2-api.md §3.9)
+    if not role_config.allows(bucket, role_config.write_buckets):
         raise ApiError("InvalidParameter", f"The service role {role} provided does not exist or does not have "
                                            f"sufficient permissions (it may not write to bucket {bucket})")
     return bucket

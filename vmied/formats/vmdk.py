@@ -283,15 +283,15 @@ class SparseExtentReader:
                 skip -= len(window)
                 continue
             buf = buf + window[skip:] if buf else window[skip:]
+            view = memoryview(buf)  # grains are views: the window is not copied grain by grain
             skip = 0
             cursor = 0
             while True:
                 try:
-                    grains, consumed = scan_grain_markers(memoryview(buf)[cursor:], max_data)
+                    grains, consumed = scan_grain_markers(view[cursor:], max_data)
                 except ValueError:
                     raise CorruptImage("VMDK grain marker claims more data than a grain can compress to",
                                        reason="vmdk.grain-size") from None
-                view = memoryview(buf)  # grains are views: the window is not copied grain by grain
                 for lba, data_offset, size in grains:
                     at = cursor + data_offset
                     yield lba, view[at : at + size]

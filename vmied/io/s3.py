@@ -303,7 +303,7 @@ class S3Sink(Sink):
         self.on_part: Callable[[int, str, int], None] | None = None
         self.parts_skipped = 0
         self.zero_parts = 0  # parts sent from the shared zero buffer
-        self._zeros: dict[int, tuple[bytes, str]] = {}  # part size -> (shared zero part, its Content-MD5)
+        self._zero: tuple[bytes, str] = (b"", "")  # the shared zero part and its Content-MD5
 
     @classmethod
     async def create(cls, location: S3Location, config: S3Config, expected_size: int | None = None) -> S3Sink:
@@ -408,15 +408,15 @@ class S3Sink(Sink):
             length -= step
 
     def _zero_part(self, size: int) -> bytes:
-        if size not in self._zeros:
+        if len(self._zero[0]) != size:  # part sizes only grow: one size at a time is kept
             zeros = bytes(size)
-            self._zeros = {size: (zeros, content_md5(zeros))}  # part sizes only grow: keep the last
-        return self._zeros[size][0]
+            self._zero = (zeros, content_md5(zeros))
+        return self._zero[0]
 
     async def _content_md5(self, data: Buffer) -> str:
-        zero = self._zeros.get(len(data))
-        if zero is not None and data is zero[0]:
-            return zero[1]
+        zeros, md5 = self._zero
+        if data is zeros:
+            return md5
         return await asyncio.to_thread(content_md5, data)
 
     async def _write_at(self, offset: int, data: bytes) -> None:

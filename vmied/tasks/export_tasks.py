@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import fnmatch
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -77,11 +76,6 @@ def object_key(prefix: str, task_id: str, extension: str) -> str:
 
 def extension(params: dict[str, Any]) -> str:
     return "ova" if params.get("ContainerFormat") == "ova" else params["DiskImageFormat"].lower()
-
-
-def write_allowed(bucket: str, patterns: list[str]) -> bool:
-    """The ``vmimport`` role may write the bucket (``role.write_buckets``, docs/ec2-api.md §3.9)."""
-    return any(fnmatch.fnmatchcase(bucket, pattern) for pattern in patterns)
 
 
 def identity_options(writer: str, task_id: str, created: float) -> dict[str, str]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fnmatch
 import logging
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable
@@ -137,7 +136,7 @@ def check_role(context: TaskContext, location: str) -> None:
         what, subject, patterns, setting = "bucket", bucket, role.read_buckets, "read_buckets"
     else:
         what, subject, patterns, setting = "URL origin", url_origin(location), role.read_urls, "read_urls"
-    if not any(fnmatch.fnmatchcase(subject, pattern) for pattern in patterns):
+    if not role.allows(subject, patterns):
         role_name = context.task.params.get("RoleName") or "vmimport"
         raise TaskFailed(f"ClientError: The service role {role_name} provided does not exist or does not have "
                          f"sufficient permissions ({what} {subject} is not among the role's {setting})")
