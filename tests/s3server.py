@@ -27,7 +27,7 @@ import pytest
 from botocore.config import Config
 
 from vmied.io.retry import RetryPolicy
-from vmied.io.s3 import S3Config
+from vmied.io.s3_config import S3Config
 
 #: Profiles of the shared credentials file: name -> (access key, secret key).
 PROFILES = {

@@ -33,7 +33,7 @@ from vmied.io.http import HttpSource, public_name
 from vmied.io.local import FileSink
 from vmied.io.open import create_sink, open_source
 from vmied.io.retry import Retrier, RetryPolicy, Transient
-from vmied.io.s3 import S3Config
+from vmied.io.s3_config import S3Config
 from vmied.pipeline import Progress, Workers
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -37,13 +37,12 @@ from vmied.io.s3 import (
     MAX_PART,
     MAX_PARTS,
     MIN_PART,
-    S3Config,
-    S3Location,
     S3Sink,
     base_part_size,
     part_size,
     plan_capacity,
 )
+from vmied.io.s3_config import S3Config, S3Location
 from vmied.pipeline import Progress, Workers
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -707,7 +707,7 @@ CRASHING_WRITER = """
 import asyncio, random, sys
 from vmied.extents import Extent
 from vmied.io.retry import RetryPolicy
-from vmied.io.s3 import S3Config
+from vmied.io.s3_config import S3Config
 from vmied.pipeline import Workers
 from vmied.store import LocalObjects, S3Objects, SnapshotStore, StoreOptions
 

@@ -24,7 +24,7 @@ from .errors import Cancelled, UsageError, VmiedError
 from .formats import open_reader, output_formats
 from .io.base import DEFAULT_READAHEAD, DEFAULT_WINDOW, MiB
 from .io.open import create_sink, open_source
-from .io.s3 import DEFAULT_PART_SIZE, DEFAULT_PARTS_IN_FLIGHT, S3Config
+from .io.s3_config import DEFAULT_PART_SIZE, DEFAULT_PARTS_IN_FLIGHT, S3Config
 from .pipeline import Progress, Workers
 
 EXIT_UNEXPECTED = 1

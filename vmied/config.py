@@ -32,7 +32,7 @@ from typing import Any
 
 from .errors import UsageError
 from .io.base import DEFAULT_READAHEAD, DEFAULT_WINDOW, MiB
-from .io.s3 import DEFAULT_PART_SIZE, DEFAULT_PARTS_IN_FLIGHT, S3Config
+from .io.s3_config import DEFAULT_PART_SIZE, DEFAULT_PARTS_IN_FLIGHT, S3Config
 
 SYSTEM_CONFIG = "/etc/vmied/vmied.toml"
 SYSTEM_DROP_INS = "/etc/vmied/conf.d"

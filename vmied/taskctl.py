@@ -12,8 +12,6 @@ import argparse
 import asyncio
 import json
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -130,6 +128,11 @@ class Daemon:
 
     def running(self) -> dict[str, dict[str, Any]]:
         """Bytes and ETA of the running tasks by id (empty if the status document cannot be read)."""
+        # Here, not at the top: this module builds part of every command's parser, and urllib.request
+        # (with http.client and email) is 15 ms of a conversion's start-up.
+        import urllib.error
+        import urllib.request
+
         try:
             with urllib.request.urlopen(f"{self.endpoint}/status.json", timeout=10) as answer:
                 status = json.load(answer)

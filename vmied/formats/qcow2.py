@@ -48,7 +48,6 @@ from itertools import pairwise
 from typing import ClassVar
 
 import deflate
-import pyzstd
 from isal import isal_zlib
 
 from ..errors import CorruptImage, UnsupportedImage, UsageError
@@ -674,10 +673,10 @@ def decompress_cluster(data: Buffer, cluster_size: int, compression: int, where:
     try:
         if compression == COMPRESSION_ZSTD:
             # one byte more than a cluster: a frame holding more is caught, not cut short
-            out = pyzstd.ZstdDecompressor().decompress(data, cluster_size + 1)
+            out = zstd_decompress(data, cluster_size + 1)
         else:  # libdeflate needs the exact output size and stops at the final block
             out = deflate.deflate_decompress(bytes(data), cluster_size)
-    except (pyzstd.ZstdError, deflate.DeflateError, ValueError) as exc:
+    except (deflate.DeflateError, ValueError) as exc:
         raise CorruptImage(
             f"qcow2 compressed cluster at host {where:#x} does not decompress to "
             f"{cluster_size} bytes ({exc})",
@@ -692,9 +691,21 @@ def decompress_cluster(data: Buffer, cluster_size: int, compression: int, where:
     return out
 
 
+def zstd_decompress(data: Buffer, limit: int) -> bytes:
+    """At most ``limit`` bytes of one zstd frame; a damaged frame is a ValueError."""
+    import pyzstd  # on first use: 10 ms of every start-up otherwise, for the rare zstd image
+
+    try:
+        return bytes(pyzstd.ZstdDecompressor().decompress(data, limit))
+    except pyzstd.ZstdError as exc:
+        raise ValueError(str(exc)) from None
+
+
 def compress_cluster(data: Buffer, compression: int) -> bytes:
     if compression == COMPRESSION_ZSTD:
-        return pyzstd.compress(data, ZSTD_LEVEL)
+        import pyzstd  # see zstd_decompress
+
+        return bytes(pyzstd.compress(data, ZSTD_LEVEL))
     compressor = isal_zlib.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, DEFLATE_WBITS)  # honours the window
     packed: bytes = compressor.compress(data) + compressor.flush()
     return packed

@@ -36,8 +36,6 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import crc32c
-
 from ..errors import CorruptImage, UnsupportedImage, UsageError
 from ..extents import Extent, Kind, blocks
 from ..io.base import DEFAULT_WINDOW, Source
@@ -116,6 +114,8 @@ METADATA_ITEMS_AT = 64 * KiB
 
 def crc32c_of(data: bytes, checksum_at: int) -> int:
     """CRC-32C of ``data`` with its 4-byte checksum field at ``checksum_at`` taken as zero."""
+    import crc32c  # on first use: its import (importlib.metadata) is 10 ms of every start-up otherwise
+
     value = crc32c.crc32c(data[:checksum_at])
     value = crc32c.crc32c(b"\0\0\0\0", value)
     return int(crc32c.crc32c(data[checksum_at + 4 :], value))

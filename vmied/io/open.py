@@ -9,10 +9,11 @@ from __future__ import annotations
 from ..errors import UsageError
 from .base import Sink, Source
 from .local import FileSink, FileSource
-from .s3 import S3Config, S3Location
+from .s3_config import S3Config, S3Location
 
 # The remote sources and sinks are imported where used: their client libraries (aiohttp,
-# aiobotocore) cost a quarter of a second at start, which a local conversion does not need.
+# aiobotocore, botocore) and the metrics registry cost a quarter of a second at start, which a
+# local conversion does not need (their settings come from the light .s3_config).
 
 REMOTE_SCHEMES = ("s3://", "http://", "https://")
 

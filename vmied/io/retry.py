@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from .. import metrics
 from ..errors import StorageError
 from .base import DEFAULT_READAHEAD, DEFAULT_WINDOW, Source
 
@@ -99,6 +98,8 @@ class Retrier:
                     ) from None
                 delay = self.policy.delay(number - 1, self._rng)
                 self.records.append(RetryRecord(what, exc.reason, number, delay))
+                from .. import metrics  # prometheus_client: loaded by remote I/O only, not at start-up
+
                 metrics.S3_RETRIES.labels(exc.reason).inc()
                 await asyncio.sleep(delay)
         raise AssertionError("a policy allows at least one attempt")

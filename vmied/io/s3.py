@@ -33,7 +33,6 @@ import hashlib
 import posixpath
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from botocore.exceptions import (
@@ -46,17 +45,16 @@ from botocore.exceptions import (
 )
 
 from .. import metrics
-from ..errors import StorageError, UsageError
+from ..errors import StorageError
 from ..extents import Buffer
-from .base import DEFAULT_READAHEAD, DEFAULT_WINDOW, MiB, Placeholder, Sink, Source, check_sibling_name
-from .retry import RangedSource, Retrier, RetryPolicy, Transient, network_failure, status_failure
+from .base import MiB, Placeholder, Sink, Source, check_sibling_name
+from .retry import RangedSource, Retrier, Transient, network_failure, status_failure
+from .s3_config import S3Config, S3Location
 
 T = TypeVar("T")
 
 GiB = 1 << 30
 MIN_PART = 5 * MiB
-DEFAULT_PART_SIZE = 8 * MiB
-DEFAULT_PARTS_IN_FLIGHT = 4
 MAX_PART = 5 * GiB
 MAX_PARTS = 10_000
 #: Parts at the base size before sizes start doubling (see the module's table).
@@ -69,41 +67,6 @@ BODY_CHUNK = MiB
 TRANSIENT_CODES = frozenset({"SlowDown", "RequestTimeout", "Throttling", "ThrottlingException",
                              "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable", "BadDigest",
                              "IncompleteBody"})
-
-
-@dataclass(frozen=True, slots=True)
-class S3Location:
-    bucket: str
-    key: str
-
-    @classmethod
-    def parse(cls, url: str) -> S3Location:
-        if not url.startswith("s3://"):
-            raise UsageError(f"{url} is not an s3://bucket/key URL")
-        bucket, _, key = url[len("s3://"):].partition("/")
-        if not bucket or not key or key.endswith("/"):
-            raise UsageError(f"{url}: an S3 location is s3://bucket/key, with a key naming one object")
-        return cls(bucket, key)
-
-    def __str__(self) -> str:
-        return f"s3://{self.bucket}/{self.key}"
-
-
-@dataclass(frozen=True, slots=True)
-class S3Config:
-    """One identity and endpoint (a conversion may read with one and write with another)."""
-
-    profile: str | None = None  # a profile of the shared config/credentials files; None: the default chain
-    region: str | None = None
-    endpoint_url: str | None = None  # an S3-compatible service instead of AWS
-    path_style: bool = False  # bucket in the path rather than in the host name
-    ca_bundle: str | None = None  # PEM file of trusted CAs; None: AWS_CA_BUNDLE or the system store
-    window: int = DEFAULT_WINDOW  # one ranged GET of a sequential pass
-    readahead: int = DEFAULT_READAHEAD  # ranged GETs in flight ahead of the reader
-    part_size: int = DEFAULT_PART_SIZE  # base part size (grown only by the plan, see the module's table)
-    parts_in_flight: int = DEFAULT_PARTS_IN_FLIGHT
-    connections: int = 16
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
 def base_part_size(configured: int, expected_size: int | None) -> int:

@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from ..errors import UsageError
-from ..io.s3 import S3Config
+from ..io.s3_config import S3Config
 from ..pipeline import Workers
 from .layout import GRAIN_SIZE, CorruptSnapshot, SnapshotNotFound
 from .objects import LocalObjects, Objects, S3Objects

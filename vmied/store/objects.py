@@ -25,7 +25,8 @@ from ..errors import StorageError
 from ..io.base import Sink
 from ..io.local import FileSink
 from ..io.retry import Retrier
-from ..io.s3 import S3Config, S3Location, S3Sink, s3_call, s3_client
+from ..io.s3 import S3Sink, s3_call, s3_client
+from ..io.s3_config import S3Config, S3Location
 from .layout import SnapshotNotFound
 
 T = TypeVar("T")

@@ -35,7 +35,8 @@ from ..formats import ovf, writer_class
 from ..formats.base import Reader
 from ..formats.ova import appliance_name, write_appliance
 from ..io.base import Sink
-from ..io.s3 import S3Config, S3Location, S3Sink, s3_call, s3_client
+from ..io.s3 import S3Sink, s3_call, s3_client
+from ..io.s3_config import S3Config, S3Location
 from ..pipeline import Progress, Workers, prefetch
 from .db import Task
 from .engine import TaskContext, TaskFailed, TaskKind, register_kind
