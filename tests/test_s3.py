@@ -9,6 +9,7 @@ import json
 import random
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from tests.helpers import MiB, convert_file, qemu_img, random_layout, sha256_fil
 from tests.s3server import (  # noqa: F401  (fixtures)
     ASSUMED,
     BUCKET,
+    PROFILES,
     S3Server,
     aws_files,
     environment,
@@ -247,6 +249,32 @@ async def test_profile_that_assumes_a_role(moto: S3Server, monkeypatch: pytest.M
         assert credentials.token and credentials.access_key != "motokey"
     finally:
         await source.close()
+
+
+
+async def test_web_identity_from_the_environment(moto: S3Server, monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: Path) -> None:
+    """AWS_ROLE_ARN + AWS_WEB_IDENTITY_TOKEN_FILE (as a Kubernetes service account sets them): the chain
+    calls STS AssumeRoleWithWebIdentity with the token (here moto's STS) and reads S3 with the session."""
+    from moto.sts.models import sts_backends
+
+    token = tmp_path / "token"
+    token.write_text("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6dm1pZWQifQ.c2ln")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_STS", moto.endpoint)
+    monkeypatch.setenv("AWS_ROLE_ARN", "arn:aws:iam::123456789012:role/vmied-web")
+    monkeypatch.setenv("AWS_WEB_IDENTITY_TOKEN_FILE", str(token))
+    monkeypatch.setenv("AWS_ROLE_SESSION_NAME", "vmied-web-identity")
+    moto.client().put_object(Bucket=BUCKET, Key="web.raw", Body=b"w" * 1000)
+    source = await open_source(url("web.raw"), replace(moto.config(), profile=None))  # the default chain
+    try:
+        assert await source.read_at(0, 1000) == b"w" * 1000
+        credentials = await source._client._get_credentials().get_frozen_credentials()  # type: ignore[attr-defined]
+    finally:
+        await source.close()
+    assert credentials.token and credentials.access_key not in {key for key, _ in PROFILES.values()}
+    sessions = {role.access_key_id: role for role in sts_backends["123456789012"]["aws"].assumed_roles}
+    assert sessions[credentials.access_key].session_name == "vmied-web-identity"
+    assert sessions[credentials.access_key].role_arn == "arn:aws:iam::123456789012:role/vmied-web"
 
 
 async def test_unknown_profile_is_a_storage_error(moto: S3Server) -> None:
