@@ -29,11 +29,14 @@ from tests.s3server import (  # noqa: F401  (fixtures)
     seaweed,
     seaweed_server,
 )
+from vmied import metrics
 from vmied.convert import convert
 from vmied.errors import Cancelled, StorageError, UnsupportedImage
 from vmied.formats.formats_available import WRITERS
+from vmied.formats.raw import flat_extents
 from vmied.io.base import Sink, Source
 from vmied.io.open import create_sink, open_source
+from vmied.io.retry import RangedSource, Received
 from vmied.io.s3 import (
     FLAT_PARTS,
     MAX_PART,
@@ -291,8 +294,30 @@ async def test_sequential_windows_follow_the_configuration(moto: S3Server) -> No
         assert [len(c) for c in chunks] == [MiB] * 4 + [MiB - 93]
         assert b"".join(chunks) == data[100:]
         assert len(await source.read_at(len(data) - 3, 10)) == 3
+        def gets() -> float:
+            labels = {"operation": "GetObject", "outcome": "ok"}
+            return metrics.REGISTRY.get_sample_value("vmied_s3_requests_total", labels) or 0.0
+
+        before = gets()
+        with Workers() as workers:  # a raw disk is read in the source's windows too: one GET each
+            extents = [extent async for extent in flat_extents(source, workers, 0, source.size)]
+        assert gets() - before == 6 and sum(extent.length for extent in extents) == len(data)
     finally:
         await source.close()
+
+
+class _OversendingSource(RangedSource):
+    """A backend that answers a range with more bytes than asked (a broken server or proxy)."""
+
+    async def _fetch(self, offset: int, length: int, into: Received) -> None:
+        into.add(bytes(length + 1))
+
+
+async def test_a_range_answered_with_more_bytes_is_refused() -> None:
+    source = _OversendingSource("oversending", 100, fast_retries())
+    with pytest.raises(StorageError, match="more than the 10 bytes asked for") as refused:
+        await source.read_at(0, 10)
+    assert refused.value.reason == "storage.range"
 
 
 async def test_sibling_objects_are_opened_beside_the_key(moto: S3Server) -> None:
@@ -339,8 +364,8 @@ async def test_faults_are_retried_and_the_output_is_identical(moto: S3Server, di
     reference = tmp_path / "reference.raw"
     await asyncio.to_thread(convert_file, disk, reference, "raw", input_format="raw")
     with fault_proxy(moto.endpoint, FAULTS, stall=3.0) as proxy:
-        config = moto.config(proxy.endpoint, part_size=MIN_PART, parts_in_flight=2,
-                             retry=fast_retries(read_timeout=0.5))
+        config = moto.config(proxy.endpoint, part_size=MIN_PART, parts_in_flight=2, window=4 * MiB,
+                             retry=fast_retries(read_timeout=0.5))  # the plan counts GETs of 4 MiB
         source, sink = await run_convert(url("disk.raw"), url("copy.raw"), "raw", config, config,
                                          input_format="raw")
     assert s3_sha256(moto, "copy.raw") == sha256_file(reference)

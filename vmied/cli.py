@@ -22,9 +22,9 @@ from . import __version__, malloc
 from .convert import convert
 from .errors import Cancelled, UsageError, VmiedError
 from .formats import open_reader, output_formats
-from .io.base import DEFAULT_READAHEAD, DEFAULT_WINDOW, MiB
+from .io.base import DEFAULT_READAHEAD, MiB
 from .io.open import create_sink, open_source
-from .io.s3_config import DEFAULT_PART_SIZE, DEFAULT_PARTS_IN_FLIGHT, S3Config
+from .io.s3_config import DEFAULT_PART_SIZE, DEFAULT_PARTS_IN_FLIGHT, DEFAULT_REMOTE_WINDOW, S3Config
 from .pipeline import Progress, Workers
 
 EXIT_UNEXPECTED = 1
@@ -152,7 +152,7 @@ def add_storage_arguments(parser: argparse.ArgumentParser, destination: bool) ->
     group.add_argument("--region", help="AWS region")
     group.add_argument("--path-style", action="store_true", help="address buckets in the path, not the host")
     group.add_argument("--ca-bundle", help="PEM file of trusted CAs (default: AWS_CA_BUNDLE, system)")
-    group.add_argument("--window-size", type=int, default=DEFAULT_WINDOW // MiB, metavar="MIB",
+    group.add_argument("--window-size", type=int, default=DEFAULT_REMOTE_WINDOW // MiB, metavar="MIB",
                        help="size of one ranged read of a sequential pass, in MiB")
     group.add_argument("--readahead", type=int, default=DEFAULT_READAHEAD, metavar="N",
                        help="ranged reads in flight ahead of the reader")

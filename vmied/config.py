@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import UsageError
-from .io.base import DEFAULT_READAHEAD, DEFAULT_WINDOW, MiB
-from .io.s3_config import DEFAULT_PART_SIZE, DEFAULT_PARTS_IN_FLIGHT, S3Config
+from .io.base import DEFAULT_READAHEAD, MiB
+from .io.s3_config import DEFAULT_PART_SIZE, DEFAULT_PARTS_IN_FLIGHT, DEFAULT_REMOTE_WINDOW, S3Config
 
 SYSTEM_CONFIG = "/etc/vmied/vmied.toml"
 SYSTEM_DROP_INS = "/etc/vmied/conf.d"
@@ -221,7 +221,7 @@ class LimitsConfig:
     disks_per_image: int = field(default=21, metadata=meta(at_least(1)))  # AWS: 21 disks per ImportImage
     max_export_bytes: int = field(default=TiB, metadata=meta(at_least(1), "size"))
     workers: int = field(default=0, metadata=meta(at_least(0)))  # 0: one per core
-    window_size: int = field(default=DEFAULT_WINDOW, metadata=meta(at_least(64 << 10, "64KiB"), "size"))
+    window_size: int = field(default=DEFAULT_REMOTE_WINDOW, metadata=meta(at_least(64 << 10, "64KiB"), "size"))
     readahead: int = field(default=DEFAULT_READAHEAD, metadata=meta(at_least(0)))
     part_size: int = field(default=DEFAULT_PART_SIZE,
                            metadata=meta(at_least(5 * MiB, "5MiB (the S3 minimum)"), "size"))

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from .. import codec
 from ..extents import Buffer, Extent, Kind
 from ..fastio import zero_grains
-from ..io.base import DEFAULT_WINDOW, Source
+from ..io.base import Source
 from ..pipeline import Workers, ordered_map
 from .base import ImageInfo, Reader, Writer
 
@@ -41,8 +41,8 @@ async def flat_extents(source: Source, workers: Workers, start: int, length: int
                        ) -> AsyncIterator[Extent]:
     """Extents of ``length`` bytes stored flat in ``source`` from ``start``, at virtual ``base``.
 
-    Holes the source knows of become ZERO extents without a read; data is read in windows, several
-    ahead, and cut into DATA and ZERO at 64 KiB in the worker pool.
+    Holes the source knows of become ZERO extents without a read; data is read in the source's
+    windows, as many ahead as it says, and cut into DATA and ZERO at 64 KiB in the worker pool.
     """
     end = start + length
 
@@ -52,8 +52,8 @@ async def flat_extents(source: Source, workers: Workers, start: int, length: int
         for data_start, data_end in await source.allocated(start, end):
             if data_start > position:
                 yield position, data_start - position, True
-            for offset in range(data_start, data_end, DEFAULT_WINDOW):
-                yield offset, min(DEFAULT_WINDOW, data_end - offset), False
+            for offset in range(data_start, data_end, source.window):
+                yield offset, min(source.window, data_end - offset), False
             position = data_end
         if position < end:
             yield position, end - position, True
@@ -65,7 +65,7 @@ async def flat_extents(source: Source, workers: Workers, start: int, length: int
         data = await source.read_exact(offset, size, "flat data")
         return await workers.run(split_zero_runs, base + offset - start, data)
 
-    async for batch in ordered_map(split, windows()):
+    async for batch in ordered_map(split, windows(), source.readahead):
         for extent in batch:
             yield extent
 

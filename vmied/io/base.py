@@ -49,6 +49,10 @@ class Source(ABC):
     name: str
     size: int
     bytes_read: int = 0
+    #: The size of one read of a sequential pass, and how many such reads run ahead of the reader.
+    #: Remote sources take theirs from configuration: a request costs far more there than a pread.
+    window: int = DEFAULT_WINDOW
+    readahead: int = DEFAULT_READAHEAD
 
     @abstractmethod
     async def read_at(self, offset: int, length: int) -> bytes:
@@ -67,14 +71,9 @@ class Source(ABC):
             raise CorruptImage(f"{what}: short read from {self.name}", reason="image.truncated")
         return data
 
-    async def windows(
-        self,
-        start: int = 0,
-        end: int | None = None,
-        window: int = DEFAULT_WINDOW,
-        readahead: int = DEFAULT_READAHEAD,
-    ) -> AsyncIterator[bytes]:
+    async def windows(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         """Read ``[start, end)`` in order as consecutive windows, ``readahead`` requests ahead."""
+        window = self.window
         stop = self.size if end is None else min(end, self.size)
 
         async def offsets() -> AsyncIterator[int]:
@@ -84,7 +83,7 @@ class Source(ABC):
         async def fetch(offset: int) -> bytes:
             return await self.read_exact(offset, min(window, stop - offset), "data")
 
-        async for chunk in ordered_map(fetch, offsets(), readahead):
+        async for chunk in ordered_map(fetch, offsets(), self.readahead):
             yield chunk
 
     async def allocated(self, start: int, end: int) -> list[tuple[int, int]]:

@@ -16,12 +16,11 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 
 from ..errors import StorageError, UsageError
-from .base import DEFAULT_READAHEAD, DEFAULT_WINDOW, MiB
-from .retry import RangedSource, Retrier, RetryPolicy, Transient, network_failure, status_failure
+from .base import DEFAULT_READAHEAD, DEFAULT_WINDOW
+from .retry import RangedSource, Received, Retrier, RetryPolicy, Transient, network_failure, status_failure
 
 #: ``Content-Range: bytes 0-0/1234`` (or ``bytes */1234`` when the object is empty).
 CONTENT_RANGE = re.compile(r"bytes (?:(\d+)-(\d+)|\*)/(\d+)$")
-BODY_CHUNK = MiB
 
 
 def public_name(url: str) -> str:
@@ -89,7 +88,7 @@ class HttpSource(RangedSource):
             raise
         return cls(url, session, size, etag, policy, window, readahead)
 
-    async def _fetch(self, offset: int, length: int, into: bytearray) -> None:
+    async def _fetch(self, offset: int, length: int, into: Received) -> None:
         headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
         if self.etag:
             headers["If-Match"] = self.etag
@@ -100,9 +99,9 @@ class HttpSource(RangedSource):
                 if response.content_length != length:
                     raise StorageError(f"{self.name}: asked for {length} bytes at {offset}, the server sent "
                                        f"{response.content_length}", reason="http.range")
-                start = len(into)
-                while chunk := await response.content.read(min(BODY_CHUNK, length - (len(into) - start))):
-                    into += chunk
+                start = into.size
+                while into.size - start < length and (chunk := await response.content.readany()):
+                    into.add(chunk)  # each received chunk whole (read(n) would join them)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise network_failure(exc) or StorageError(f"reading {self.name}: {exc}",
                                                        reason="http.error") from None

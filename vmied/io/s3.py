@@ -48,7 +48,7 @@ from .. import metrics
 from ..errors import StorageError
 from ..extents import Buffer
 from .base import MiB, Placeholder, Sink, Source, check_sibling_name
-from .retry import RangedSource, Retrier, Transient, network_failure, status_failure
+from .retry import RangedSource, Received, Retrier, Transient, network_failure, status_failure
 from .s3_config import S3Config, S3Location
 
 T = TypeVar("T")
@@ -60,8 +60,6 @@ MAX_PARTS = 10_000
 #: Parts at the base size before sizes start doubling (see the module's table).
 FLAT_PARTS = 5_000
 GROWTH_STEP = 500
-#: Bytes taken from a response body per read: a bounded buffer, large enough to keep syscalls few.
-BODY_CHUNK = MiB
 #: Error codes S3 uses for "slow down / try again" besides the 5xx statuses, and for a body damaged
 #: or cut on the way (BadDigest: the part's Content-MD5 caught it; the bytes in memory are fine).
 TRANSIENT_CODES = frozenset({"SlowDown", "RequestTimeout", "Throttling", "ThrottlingException",
@@ -211,7 +209,7 @@ class S3Source(RangedSource):
             raise
         return cls(location, config, client, stack, int(head["ContentLength"]), str(head["ETag"]))
 
-    async def _fetch(self, offset: int, length: int, into: bytearray) -> None:
+    async def _fetch(self, offset: int, length: int, into: Received) -> None:
         async def get() -> None:
             response = await self._client.get_object(
                 Bucket=self.location.bucket, Key=self.location.key,
@@ -221,10 +219,12 @@ class S3Source(RangedSource):
                 if int(response["ContentLength"]) != length:
                     raise StorageError(f"{self.location}: asked for {length} bytes at {offset}, the server "
                                        f"sent {response['ContentLength']}", reason="s3.range")
-                while chunk := await body.read(min(BODY_CHUNK, length - (len(into) - start))):
-                    into.extend(chunk)
+                # aiohttp's reader hands over each received chunk whole (read(n) would join them)
+                stream = body.raw_stream.content
+                while into.size - start < length and (chunk := await stream.readany()):
+                    into.add(chunk)
 
-        start = len(into)
+        start = into.size
         await s3_call(self.location, "s3:GetObject", get)
 
     async def open_sibling(self, name: str) -> Source:

@@ -9,11 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import UsageError
-from .base import DEFAULT_READAHEAD, DEFAULT_WINDOW, MiB
+from .base import DEFAULT_READAHEAD, MiB
 from .retry import RetryPolicy
 
 DEFAULT_PART_SIZE = 8 * MiB
 DEFAULT_PARTS_IN_FLIGHT = 4
+#: One ranged GET of a sequential read: AWS advises 8-16 MB. Each request costs the client about a
+#: millisecond of CPU (signing, parsing), and the server its own: 4 MiB windows read a raw object
+#: from a SeaweedFS on the same 2 cores at about 350 MB/s, 8 MiB ones at about 500 MB/s.
+DEFAULT_REMOTE_WINDOW = 8 * MiB
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +47,7 @@ class S3Config:
     endpoint_url: str | None = None  # an S3-compatible service instead of AWS
     path_style: bool = False  # bucket in the path rather than in the host name
     ca_bundle: str | None = None  # PEM file of trusted CAs; None: AWS_CA_BUNDLE or the system store
-    window: int = DEFAULT_WINDOW  # one ranged GET of a sequential pass
+    window: int = DEFAULT_REMOTE_WINDOW  # one ranged GET of a sequential pass
     readahead: int = DEFAULT_READAHEAD  # ranged GETs in flight ahead of the reader
     part_size: int = DEFAULT_PART_SIZE  # base part size (grown only by the plan, see the module's table)
     parts_in_flight: int = DEFAULT_PARTS_IN_FLIGHT

@@ -27,6 +27,7 @@ class SliceSource(Source):
                 reason="image.truncated",
             )
         self.parent, self.start, self.size, self.name = parent, start, length, name
+        self.window, self.readahead = parent.window, parent.readahead
 
     async def read_at(self, offset: int, length: int) -> bytes:
         length = max(0, min(length, self.size - offset))
@@ -44,6 +45,8 @@ class ConcatSource(Source):
 
     def __init__(self, parts: list[Source], name: str) -> None:
         self.parts, self.name = parts, name
+        if parts:
+            self.window, self.readahead = parts[0].window, parts[0].readahead
         self._starts: list[int] = []
         self.size = 0
         for part in parts:
@@ -79,6 +82,7 @@ class DigestingSource(Source):
 
     def __init__(self, inner: Source, algorithm: str, workers: Workers) -> None:
         self.inner, self.name, self.size = inner, inner.name, inner.size
+        self.window, self.readahead = inner.window, inner.readahead
         self.workers = workers
         self._hash = hashlib.new(algorithm.lower())
         self._done = 0
