@@ -44,6 +44,7 @@ from vmied.io.s3 import (
     MIN_PART,
     S3Sink,
     base_part_size,
+    multipart_etag,
     part_size,
     plan_capacity,
 )
@@ -158,6 +159,41 @@ async def test_small_output_is_one_put_and_large_is_multipart(moto: S3Server, tm
     client = moto.client()
     assert "-" not in client.head_object(Bucket=BUCKET, Key="small.raw")["ETag"]
     assert client.head_object(Bucket=BUCKET, Key="large.raw")["ETag"].endswith('-3"')
+
+
+async def test_the_completed_object_has_the_checksum_of_the_parts(moto: S3Server, seaweed: S3Server,
+                                                                  tmp_path: Path) -> None:
+    """The sink's expected ETag (MD5 of the parts' MD5s) is what real servers give the object."""
+    data = tmp_path / "disk.raw"
+    data.write_bytes(random.Random(3).randbytes(12 * MiB))
+    digests = [hashlib.md5(data.read_bytes()[start:start + MIN_PART]).hexdigest()
+               for start in range(0, 12 * MiB, MIN_PART)]
+    for server in (moto, seaweed):
+        await run_convert(str(data), url("etag.raw"), "raw", dst_config=server.config(part_size=MIN_PART),
+                          input_format="raw")
+        etag = server.client().head_object(Bucket=BUCKET, Key="etag.raw")["ETag"]
+        assert etag == multipart_etag([f'"{digest}"' for digest in digests])
+    assert multipart_etag(['"not-an-md5"', '"0123"']) is None
+
+
+async def test_an_object_replaced_while_it_is_written_fails_the_checksum(moto: S3Server) -> None:
+    class RacedSink(S3Sink):
+        """Another writer replaces the object between CompleteMultipartUpload and HeadObject."""
+
+        async def _complete(self) -> None:
+            await super()._complete()
+            replacement = bytes(self.position)  # the same size: only the checksum can tell
+            await asyncio.to_thread(moto.client().put_object, Bucket=BUCKET, Key="raced.raw", Body=replacement)
+
+    config = moto.config(part_size=MIN_PART)
+    sink = await RacedSink.create(S3Location(BUCKET, "raced.raw"), config, None)
+    await sink.write(random.Random(5).randbytes(11 * MiB))
+    with pytest.raises(StorageError, match=r"ETag .* not the .* of the bytes uploaded") as failed:
+        await sink.commit()
+    assert failed.value.reason == "s3.checksum"
+    await sink.abort()  # as convert does on any failure: the other writer's object is not deleted
+    assert not moto.uploads()
+    assert moto.client().get_object(Bucket=BUCKET, Key="raced.raw")["Body"].read() == bytes(11 * MiB)
 
 
 async def test_placeholders_keep_their_parts_until_filled(moto: S3Server) -> None:

@@ -90,6 +90,22 @@ def part_size(index: int, base: int) -> int:
     return min(MAX_PART, base << ((index - FLAT_PARTS) // GROWTH_STEP + 1))
 
 
+def md5_of_etag(etag: str) -> str | None:
+    """The hex MD5 an ETag holds (lower case), or None for an ETag of another kind."""
+    plain = etag.strip('"').lower()
+    return plain if len(plain) == 32 and all(c in "0123456789abcdef" for c in plain) else None
+
+
+def multipart_etag(part_etags: list[str]) -> str | None:
+    """The ETag S3 gives a completed multipart object: the MD5 of the parts' binary MD5s, "-" and their
+    count; None where a part's ETag is no MD5 (some encryption modes), so no checksum can be derived."""
+    digests = [md5_of_etag(etag) for etag in part_etags]
+    if None in digests:
+        return None
+    combined = hashlib.md5(b"".join(bytes.fromhex(d) for d in digests if d), usedforsecurity=False)
+    return f'"{combined.hexdigest()}-{len(digests)}"'
+
+
 def content_md5(data: Buffer) -> str:
     return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
 
@@ -258,6 +274,7 @@ class S3Sink(Sink):
         self._etags: dict[int, str] = {}  # part number -> ETag
         self._upload_id: str | None = None
         self._object_written = False  # a PUT or a completion may have made the object visible
+        self._object_etag: str | None = None  # what HeadObject must show once the object is complete
         #: resumable mode: parts an earlier attempt uploaded (number -> (ETag, size)), checked by ListParts
         self._done_before: dict[int, tuple[str, int]] = {}
         #: called with the upload id once the multipart upload exists (awaited before any part is sent)
@@ -427,8 +444,8 @@ class S3Sink(Sink):
         etag, size = earlier
         if size != len(data):
             return False
-        plain = etag.strip('"').lower()
-        if len(plain) == 32 and all(c in "0123456789abcdef" for c in plain):  # a plain MD5 ETag: compare
+        plain = md5_of_etag(etag)
+        if plain is not None:  # a plain MD5 ETag: compare
             digest = await asyncio.to_thread(lambda: hashlib.md5(data, usedforsecurity=False).hexdigest())
             if digest != plain:
                 return False
@@ -493,24 +510,32 @@ class S3Sink(Sink):
     async def _put(self, data: bytearray) -> None:
         md5 = await asyncio.to_thread(content_md5, data)
         self._object_written = True
-        await self._request("s3:PutObject", "PutObject", lambda: self._client.put_object(
+        response = await self._request("s3:PutObject", "PutObject", lambda: self._client.put_object(
             Bucket=self.location.bucket, Key=self.location.key, Body=data, ContentMD5=md5))
+        self._object_etag = str(response["ETag"])
 
     async def _complete(self) -> None:
         parts = [{"PartNumber": n, "ETag": e} for n, e in sorted(self._etags.items())]
         self._object_written = True
-        await self._request("s3:PutObject (CompleteMultipartUpload)", "CompleteMultipartUpload",
-                            lambda: self._client.complete_multipart_upload(
-                                Bucket=self.location.bucket, Key=self.location.key,
-                                UploadId=self._upload_id, MultipartUpload={"Parts": parts}))
+        response = await self._request("s3:PutObject (CompleteMultipartUpload)", "CompleteMultipartUpload",
+                                       lambda: self._client.complete_multipart_upload(
+                                           Bucket=self.location.bucket, Key=self.location.key,
+                                           UploadId=self._upload_id, MultipartUpload={"Parts": parts}))
         self._upload_id = None
+        self._object_etag = multipart_etag([etag for _, etag in sorted(self._etags.items())]) or str(response["ETag"])
 
     async def _verify(self, size: int) -> None:
+        """The object now in place has the size written, and the checksum (ETag) of the parts sent."""
         head = await self._request("s3:GetObject (HeadObject)", "HeadObject", lambda: (
             self._client.head_object(Bucket=self.location.bucket, Key=self.location.key)))
         if int(head["ContentLength"]) != size:
             raise StorageError(f"{self.location}: uploaded {size} bytes but the object holds "
                                f"{head['ContentLength']}", reason="s3.size")
+        if self._object_etag is not None and str(head["ETag"]) != self._object_etag:
+            self._object_written = False  # another writer's object now: abort must not delete it
+            raise StorageError(f"{self.location}: the object's ETag is {head['ETag']}, not the "
+                               f"{self._object_etag} of the bytes uploaded (replaced while it was written?)",
+                               reason="s3.checksum")
 
     async def detach(self) -> None:
         """Stop the uploads in flight and let go, keeping the multipart upload for :meth:`resume`."""
