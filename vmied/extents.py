@@ -78,6 +78,11 @@ async def checked(extents: AsyncIterator[Extent], virtual_size: int) -> AsyncIte
         )
 
 
+def whole_grain(data: Buffer, grain_size: int) -> Buffer:
+    """The last grain of an odd-sized disk, zero-padded to a whole grain as qemu and VMware write it."""
+    return data if len(data) == grain_size else bytes(data) + bytes(grain_size - len(data))
+
+
 def merge_zero(extents: list[Extent]) -> list[Extent]:
     """Join neighbouring ZERO extents so writers see long holes as one."""
     out: list[Extent] = []

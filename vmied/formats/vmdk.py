@@ -38,7 +38,7 @@ from typing import ClassVar
 
 from .. import codec
 from ..errors import CorruptImage, UnsupportedImage, UsageError
-from ..extents import Buffer, Extent, Kind, aligned
+from ..extents import Buffer, Extent, Kind, aligned, whole_grain
 from ..fastio import is_zero, scan_grain_markers, zero_grains
 from ..io.base import MiB, Sink, Source
 from ..pipeline import Workers, ordered_map
@@ -532,7 +532,7 @@ def compress_grains(data: Buffer, grain_bytes: int) -> list[Buffer | None]:
     """Worker job: deflate each grain of ``data``; None for all-zero grains (left unallocated)."""
     view = memoryview(data)
     flags = zero_grains(view, grain_bytes)
-    return [None if flags[i] else codec.deflate(_whole_grain(view[i * grain_bytes:(i + 1) * grain_bytes], grain_bytes))
+    return [None if flags[i] else codec.deflate(whole_grain(view[i * grain_bytes:(i + 1) * grain_bytes], grain_bytes))
             for i in range(len(flags))]
 
 
@@ -544,13 +544,8 @@ def verify_grains(grains: tuple[Buffer, ...], grain_bytes: int, length: int) -> 
     """
     plain = codec.inflate_grains(grains, grain_bytes, length)
     return [None if is_zero(data) else grain if len(data) == grain_bytes
-            else codec.deflate(_whole_grain(data, grain_bytes))
+            else codec.deflate(whole_grain(data, grain_bytes))
             for grain, data in zip(grains, plain, strict=True)]
-
-
-def _whole_grain(data: Buffer, grain_bytes: int) -> Buffer:
-    """The last grain of an odd-sized disk, zero-padded to a whole grain as qemu and VMware write it."""
-    return data if len(data) == grain_bytes else bytes(data) + bytes(grain_bytes - len(data))
 
 
 class VmdkWriter(Writer):
@@ -624,7 +619,7 @@ class VmdkWriter(Writer):
 def _split_plain(data: Buffer, grain_bytes: int) -> list[bytes | None]:
     view = memoryview(data)
     flags = zero_grains(view, grain_bytes)
-    return [None if flags[i] else bytes(_whole_grain(view[i * grain_bytes:(i + 1) * grain_bytes], grain_bytes))
+    return [None if flags[i] else bytes(whole_grain(view[i * grain_bytes:(i + 1) * grain_bytes], grain_bytes))
             for i in range(len(flags))]
 
 

@@ -33,7 +33,7 @@ from typing import Any
 
 from .. import codec
 from ..errors import StorageError, UsageError
-from ..extents import Buffer, Extent, Kind, aligned, checked
+from ..extents import Buffer, Extent, Kind, aligned, checked, whole_grain
 from ..fastio import is_zero, zero_grains
 from ..formats.base import ImageInfo, Reader
 from ..io.base import Sink, Source
@@ -144,7 +144,7 @@ def encode_batch(extents: list[Extent], keep_plain: bool) -> Encoded:
             flags = zero_grains(view, GRAIN_SIZE)
             for number, zero in enumerate(flags):
                 if not zero:
-                    grain = _whole_grain(view[number * GRAIN_SIZE : (number + 1) * GRAIN_SIZE])
+                    grain = whole_grain(view[number * GRAIN_SIZE : (number + 1) * GRAIN_SIZE], GRAIN_SIZE)
                     _store(out, first + number, codec.deflate(grain))
         else:
             plains = codec.inflate_grains(extent.grains, GRAIN_SIZE, extent.length)  # verifies every grain
@@ -156,17 +156,12 @@ def encode_batch(extents: list[Extent], keep_plain: bool) -> Encoded:
                 # pass-through; only a short last grain (odd-sized disk) is deflated again, whole
                 # (a copy: a grain may be a view into a source window the pack must not keep alive)
                 _store(out, first + number,
-                       bytes(stream) if len(plain) == GRAIN_SIZE else codec.deflate(_whole_grain(plain)))
+                       bytes(stream) if len(plain) == GRAIN_SIZE else codec.deflate(whole_grain(plain, GRAIN_SIZE)))
     return out
 
 
 def _store(out: Encoded, grain: int, stream: bytes) -> None:
     out.grains.append((grain, stream, crc32c(stream)))
-
-
-def _whole_grain(data: Buffer) -> Buffer:
-    """The last grain of an odd-sized disk, zero padded to a whole grain (layout: "Grains")."""
-    return data if len(data) == GRAIN_SIZE else bytes(data) + bytes(GRAIN_SIZE - len(data))
 
 
 def _passable(extent: Extent, virtual_size: int) -> bool:
