@@ -6,6 +6,7 @@ and checked with qemu-img against the disk that was imported."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 import sqlite3
@@ -478,6 +479,27 @@ def test_cancelled_export_leaves_no_object_and_no_upload(held_daemon: DaemonProc
     wait_until(lambda: proxy.held == 0, "the held part to be answered")
     assert moto_server.uploads(EXPORT_BUCKET) == []
     assert not [key for key in moto_server.objects(EXPORT_BUCKET) if key.startswith("cancel/")]
+
+
+@pytest.mark.parametrize("reads_let_through", [0, 3])
+def test_cancel_reaches_an_import_whose_source_read_is_stalled(held_daemon: DaemonProcess, proxy: HoldingProxy,
+                                                               reads_let_through: int) -> None:
+    """A source GET the server does not answer (held here for up to a minute) does not delay a
+    cancel: with no read let through the import stalls while validating, with three while converting."""
+    ec2 = held_daemon.client()
+    gets = itertools.count()
+    proxy.rearm(lambda method, query: method == "GET" and next(gets) >= reads_let_through)
+    task_id = ec2.import_snapshot(DiskContainer={"Format": "VMDK", "UserBucket": {
+        "S3Bucket": BUCKET, "S3Key": "vms/dense.vmdk"}})["ImportTaskId"]
+    try:
+        wait_until(lambda: proxy.held > 0, "a source read to be held")
+        ec2.cancel_import_task(ImportTaskId=task_id)
+        done = wait_for_task(ec2, task_id, timeout=10)
+        assert done["SnapshotTaskDetail"]["Status"] == "deleted"
+        assert proxy.held > 0  # the read is still unanswered: the cancel did not wait for it
+    finally:
+        proxy.release()
+    wait_until(lambda: proxy.held == 0, "the held read to be answered")
 
 
 def test_cancel_while_completing_is_incorrect_state(held_daemon: DaemonProcess, proxy: HoldingProxy,

@@ -24,9 +24,9 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import metrics
 from ..errors import Cancelled, VmiedError
@@ -42,6 +42,10 @@ log = logging.getLogger("vmied.tasks")
 MAX_RESTARTS = 3
 #: Least time between two progress writes of one task to the database.
 PROGRESS_INTERVAL = 1.0
+#: Seconds between two looks at the cancel flag while a task waits for its conversion.
+CANCEL_POLL = 0.1
+
+T = TypeVar("T")
 
 
 class NotCancellable(Exception):
@@ -117,6 +121,26 @@ class TaskContext:
     def check(self) -> None:
         """Raise Cancelled if the task was cancelled (call between steps)."""
         self.progress.check()
+
+    async def until_cancelled(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run ``work``; a cancel stops it even while it waits for storage (a read or a part upload
+        stalled by the server, up to its read timeout and retries).
+
+        The pipeline checks the cancel flag between extents only, and a reader waiting for a
+        response or a writer waiting for a free upload slot takes no extent: the flag is therefore
+        also watched here.
+        """
+        running = asyncio.ensure_future(work)
+        try:
+            while True:
+                done, _ = await asyncio.wait({running}, timeout=CANCEL_POLL)
+                if done:
+                    return running.result()
+                self.check()
+        finally:
+            if not running.done():
+                running.cancel()
+                await asyncio.gather(running, return_exceptions=True)
 
     async def phase(self, message: str, percent: int | None, name: str | None = None) -> None:
         """Enter a phase: statusMessage ``message``, progress ``percent``; written to the database."""

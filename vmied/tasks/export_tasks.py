@@ -23,7 +23,7 @@ import asyncio
 import dataclasses
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -62,8 +62,6 @@ TARGET_ENVIRONMENTS: dict[str, tuple[ovf.Hardware, str]] = {
     "microsoft": (ovf.Hardware(controller="PIIX4", system_type="Microsoft:Hyper-V:System:8.0",
                                os_type="otherGuest64"), "ide"),
 }
-#: Seconds between two looks at the cancel flag while the output is written.
-CANCEL_POLL = 0.1
 #: Least seconds between two saves of the checkpoint's part list.
 SAVE_INTERVAL = 0.5
 #: Ids and times written into an output are derived from the task id in this namespace.
@@ -196,7 +194,7 @@ async def run_export(context: TaskContext) -> None:
     try:
         try:
             await context.phase("converting", 1)
-            await until_cancelled(context, write_output(context, reader, sink))
+            await context.until_cancelled(write_output(context, reader, sink))
             await checkpoint.settle()
             # The point of no return: the last parts and the completion (cancel: IncorrectState).
             await context.phase("updating", 90, "completing")
@@ -216,26 +214,6 @@ async def run_export(context: TaskContext) -> None:
     task.result["parts_resumed"] = sink.parts_skipped
     context.complete()
     await context.save()
-
-
-async def until_cancelled(context: TaskContext, work: Coroutine[Any, Any, None]) -> None:
-    """Run ``work``; a cancel stops it even while it waits for S3 (a part upload stalled by the server).
-
-    The pipeline checks the cancel flag between extents only, and a writer waiting for a free
-    upload slot takes no extent: the flag is therefore also watched here.
-    """
-    running = asyncio.ensure_future(work)
-    try:
-        while True:
-            done, _ = await asyncio.wait({running}, timeout=CANCEL_POLL)
-            if done:
-                running.result()
-                return
-            context.check()
-    finally:
-        if not running.done():
-            running.cancel()
-            await asyncio.gather(running, return_exceptions=True)
 
 
 async def write_image(task: Task, sink: Sink, virtual_size: int, extents: AsyncIterator[Extent],

@@ -302,7 +302,7 @@ async def run_import(context: TaskContext) -> None:
     if image_task and defaults["platform"] == "Linux" and defaults["license_type"] != "BYOL":
         raise TaskFailed("ClientError: Linux images can only be imported with the BYOL license type")
     await context.phase("validating", 3)
-    plan = await validate(context)
+    plan = await context.until_cancelled(validate(context))  # a stalled source read too
     try:
         context.report(3, read=sum(source.bytes_read for source in plan.sources),
                        virtual=sum(disk.virtual_size for disk in plan.disks))
@@ -335,7 +335,7 @@ async def convert_disks(context: TaskContext, plan: Plan) -> None:
             records.append((disk, earlier["id"]))
             done += disk.virtual_size
             continue
-        record = await write_disk(context, disk, done, total, span)
+        record = await context.until_cancelled(write_disk(context, disk, done, total, span))
         done += disk.virtual_size
         detail = task.result["disks"][disk.index]
         detail.update(status="completed", snapshot_id=record.id)
