@@ -164,10 +164,10 @@ async def test_small_output_is_one_put_and_large_is_multipart(moto: S3Server, tm
 async def test_the_completed_object_has_the_checksum_of_the_parts(moto: S3Server, seaweed: S3Server,
                                                                   tmp_path: Path) -> None:
     """The sink's expected ETag (MD5 of the parts' MD5s) is what real servers give the object."""
+    content = random.Random(3).randbytes(12 * MiB)
     data = tmp_path / "disk.raw"
-    data.write_bytes(random.Random(3).randbytes(12 * MiB))
-    digests = [hashlib.md5(data.read_bytes()[start:start + MIN_PART]).hexdigest()
-               for start in range(0, 12 * MiB, MIN_PART)]
+    data.write_bytes(content)
+    digests = [hashlib.md5(content[start:start + MIN_PART]).hexdigest() for start in range(0, len(content), MIN_PART)]
     for server in (moto, seaweed):
         await run_convert(str(data), url("etag.raw"), "raw", dst_config=server.config(part_size=MIN_PART),
                           input_format="raw")
@@ -290,7 +290,6 @@ async def test_profile_that_assumes_a_role(moto: S3Server, monkeypatch: pytest.M
         await source.close()
 
 
-
 async def test_web_identity_from_the_environment(moto: S3Server, monkeypatch: pytest.MonkeyPatch,
                                                  tmp_path: Path) -> None:
     """AWS_ROLE_ARN + AWS_WEB_IDENTITY_TOKEN_FILE (as a Kubernetes service account sets them): the chain
@@ -330,6 +329,7 @@ async def test_sequential_windows_follow_the_configuration(moto: S3Server) -> No
         assert [len(c) for c in chunks] == [MiB] * 4 + [MiB - 93]
         assert b"".join(chunks) == data[100:]
         assert len(await source.read_at(len(data) - 3, 10)) == 3
+
         def gets() -> float:
             labels = {"operation": "GetObject", "outcome": "ok"}
             return metrics.REGISTRY.get_sample_value("vmied_s3_requests_total", labels) or 0.0

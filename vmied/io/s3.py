@@ -99,11 +99,13 @@ def md5_of_etag(etag: str) -> str | None:
 def multipart_etag(part_etags: list[str]) -> str | None:
     """The ETag S3 gives a completed multipart object: the MD5 of the parts' binary MD5s, "-" and their
     count; None where a part's ETag is no MD5 (some encryption modes), so no checksum can be derived."""
-    digests = [md5_of_etag(etag) for etag in part_etags]
-    if None in digests:
-        return None
-    combined = hashlib.md5(b"".join(bytes.fromhex(d) for d in digests if d), usedforsecurity=False)
-    return f'"{combined.hexdigest()}-{len(digests)}"'
+    combined = hashlib.md5(usedforsecurity=False)
+    for etag in part_etags:
+        digest = md5_of_etag(etag)
+        if digest is None:
+            return None
+        combined.update(bytes.fromhex(digest))
+    return f'"{combined.hexdigest()}-{len(part_etags)}"'
 
 
 def content_md5(data: Buffer) -> str:
@@ -515,14 +517,15 @@ class S3Sink(Sink):
         self._object_etag = str(response["ETag"])
 
     async def _complete(self) -> None:
-        parts = [{"PartNumber": n, "ETag": e} for n, e in sorted(self._etags.items())]
+        numbered = sorted(self._etags.items())
+        parts = [{"PartNumber": n, "ETag": e} for n, e in numbered]
         self._object_written = True
         response = await self._request("s3:PutObject (CompleteMultipartUpload)", "CompleteMultipartUpload",
                                        lambda: self._client.complete_multipart_upload(
                                            Bucket=self.location.bucket, Key=self.location.key,
                                            UploadId=self._upload_id, MultipartUpload={"Parts": parts}))
         self._upload_id = None
-        self._object_etag = multipart_etag([etag for _, etag in sorted(self._etags.items())]) or str(response["ETag"])
+        self._object_etag = multipart_etag([etag for _, etag in numbered]) or str(response["ETag"])
 
     async def _verify(self, size: int) -> None:
         """The object now in place has the size written, and the checksum (ETag) of the parts sent."""
