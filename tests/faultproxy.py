@@ -5,7 +5,8 @@ says, per HTTP method, which request goes wrong and how: an error status (500, 5
 connection reset in the middle of the body, a body cut short with a clean close, a stall longer
 than the client's read timeout, or an uploaded body with one byte flipped. Faults fire exactly
 once each, in a deterministic order, and every one that fired is recorded in
-:attr:`FaultProxy.fired`.
+:attr:`FaultProxy.fired`. A proxy may also stand for a server that copies nothing: every request
+naming a copy source (CopyObject, UploadPartCopy) is answered 501 NotImplemented.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ STATUS_FAULTS = {
     "500": (500, "InternalError", "We encountered an internal error. Please try again."),
     "503": (503, "ServiceUnavailable", "Please reduce your request rate."),
     "slowdown": (503, "SlowDown", "Please reduce your request rate."),
+    "nocopy": (501, "NotImplemented", "A header you provided implies functionality that is not implemented."),
 }
 BODY_FAULTS = ("reset", "truncate", "stall")
 
@@ -41,10 +43,12 @@ class Fault:
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, plan: list[Fault], stall: float = 5.0) -> None:
+    def __init__(self, upstream: str, plan: list[Fault], stall: float = 5.0, refuse_copies: bool = False) -> None:
         self.upstream = upstream.rstrip("/")
         self.plan = list(plan)
         self.stall = stall
+        self.refuse_copies = refuse_copies
+        self.copies_refused = 0
         self.fired: list[str] = []
         self.counts: dict[str, int] = {}
         self.endpoint = ""
@@ -64,6 +68,9 @@ class FaultProxy:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         kind = self._take(request.method)
+        if self.refuse_copies and "x-amz-copy-source" in request.headers:
+            self.copies_refused += 1
+            kind = "nocopy"
         if kind in STATUS_FAULTS:
             status, code, message = STATUS_FAULTS[kind]
             xml = f"<?xml version='1.0'?><Error><Code>{code}</Code><Message>{message}</Message></Error>"
@@ -141,8 +148,9 @@ def _reset(request: web.Request) -> None:
 
 
 @contextmanager
-def fault_proxy(upstream: str, plan: list[Fault], stall: float = 5.0) -> Iterator[FaultProxy]:
-    proxy = FaultProxy(upstream, plan, stall).start()
+def fault_proxy(upstream: str, plan: list[Fault], stall: float = 5.0,
+                refuse_copies: bool = False) -> Iterator[FaultProxy]:
+    proxy = FaultProxy(upstream, plan, stall, refuse_copies).start()
     try:
         yield proxy
     finally:

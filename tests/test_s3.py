@@ -254,6 +254,103 @@ async def test_zero_runs_become_shared_zero_parts(moto: S3Server) -> None:
     assert moto.uploads() == []
 
 
+async def write_with_zero_run(sink: S3Sink, zeros: int) -> str:
+    """3 MiB of data, ``zeros`` zeros, 2 MiB of data, committed; the SHA-256 of what was written."""
+    rng = random.Random(6)
+    head, tail = rng.randbytes(3 * MiB), rng.randbytes(2 * MiB)
+    await sink.write(head)
+    await sink.skip(zeros)
+    await sink.write(tail)
+    await sink.commit()
+    digest = hashlib.sha256(head)
+    for _ in range(zeros // MiB):
+        digest.update(bytes(MiB))
+    digest.update(tail)
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize(("server_name", "zero_copy_max", "zeros", "copied"), [
+    ("moto", 8 * MIN_PART, 2 * MiB + 2 * 40 * MiB + 6 * MiB, 2),  # one rung: 40 MiB
+    ("seaweed", 64 * MIN_PART, 2 * MiB + (320 + 40 + 40) * MiB + 6 * MiB, 3),  # rungs of 40 and 320 MiB
+])
+async def test_long_zero_runs_are_copied_inside_the_server(request: pytest.FixtureRequest, server_name: str,
+                                                           zero_copy_max: int, zeros: int, copied: int) -> None:
+    """A run of zeros is covered by copies of the largest scratch objects of zeros that fit; the rest
+    of it is uploaded. The object is what was written, its checksum verified; no scratch object and
+    no upload is left."""
+    server: S3Server = request.getfixturevalue(server_name)
+    config = server.config(part_size=MIN_PART, zero_copy_max=zero_copy_max)
+    sink = await create_sink(url("sparse.raw"), config)
+    assert isinstance(sink, S3Sink)
+    expected = await write_with_zero_run(sink, zeros)
+    assert (sink.copied_parts, sink.zero_parts) == (copied, 1)  # and one 5 MiB part of zeros sent
+    assert s3_sha256(server, "sparse.raw") == expected
+    assert server.objects() == ["sparse.raw"] and server.uploads() == []
+
+
+async def test_a_resumed_upload_keeps_its_parts_and_copies_its_zeros_again(moto: S3Server) -> None:
+    """Copied parts are numbered like any other, so a resumed upload keeps the parts it sent before and
+    makes the copies again (scratch objects do not outlive a detached sink)."""
+    config = moto.config(part_size=MIN_PART, parts_in_flight=1, zero_copy_max=8 * MIN_PART)
+    rng = random.Random(8)
+    head, tail = rng.randbytes(3 * MiB), rng.randbytes(8 * MiB)
+    zeros = 2 * MiB + 40 * MiB + 6 * MiB  # part 1 ends in zeros, part 2 is copied, part 3 sent from the
+    recorded: dict[int, tuple[str, int]] = {}  # shared zeros, part 4 holds the last MiB and the tail
+
+    async def write(sink: S3Sink) -> None:
+        await sink.write(head)
+        await sink.skip(zeros)
+        await sink.write(tail)
+
+    first = await create_sink(url("resumed.raw"), config)
+    assert isinstance(first, S3Sink)
+    first.on_part = lambda number, etag, size: recorded.__setitem__(number, (etag, size))
+    await write(first)
+    while len(recorded) < 4:
+        await asyncio.sleep(0.01)
+    upload_id = first.upload_id
+    assert upload_id is not None and first.copied_parts == 1
+    await first.detach()
+    assert moto.objects() == [] and moto.uploads() == ["resumed.raw"]
+    second = await create_sink(url("resumed.raw"), config)
+    assert isinstance(second, S3Sink)
+    assert await second.resume(upload_id, recorded, first.part_base)
+    await write(second)
+    await second.commit()
+    assert (second.parts_skipped, second.copied_parts) == (3, 1)
+    expected = head + bytes(zeros) + tail
+    assert moto.client().get_object(Bucket=BUCKET, Key="resumed.raw")["Body"].read() == expected
+    assert moto.objects() == ["resumed.raw"] and moto.uploads() == []
+
+
+async def test_a_server_that_cannot_copy_gets_the_zeros_uploaded(moto: S3Server) -> None:
+    """The first rung is copied once into a throwaway upload; refused (501 here), the ladder is off."""
+    with fault_proxy(moto.endpoint, [], refuse_copies=True) as proxy:
+        config = moto.config(proxy.endpoint, part_size=MIN_PART, zero_copy_max=8 * MIN_PART)
+        sink = await create_sink(url("sparse.raw"), config)
+        assert isinstance(sink, S3Sink)
+        expected = await write_with_zero_run(sink, 2 * MiB + 2 * 40 * MiB + 6 * MiB)
+    assert proxy.copies_refused == 1
+    assert (sink.copied_parts, sink.zero_parts) == (0, 17)
+    assert s3_sha256(moto, "sparse.raw") == expected
+    assert moto.objects() == ["sparse.raw"] and moto.uploads() == []
+
+
+async def test_a_crash_leaves_no_scratch_object_after_cleanup(moto: S3Server) -> None:
+    """What a killed export may leave beside its object (scratch objects of zeros, a rung upload in
+    progress) is removed by the export's cleanup; other objects with similar names are not."""
+    from vmied.tasks.export_tasks import abort_uploads
+
+    client = moto.client()
+    for key in ("out.raw", "out.raw.vmied-zeros-41943040", "out.raw.vmied-zeros-335544320", "out.raw.other"):
+        client.put_object(Bucket=BUCKET, Key=key, Body=b"x")
+    client.create_multipart_upload(Bucket=BUCKET, Key="out.raw.vmied-zeros-check")
+    client.create_multipart_upload(Bucket=BUCKET, Key="out.raw")
+    await abort_uploads(moto.config(), S3Location(BUCKET, "out.raw"))
+    assert sorted(moto.objects()) == ["out.raw", "out.raw.other"]
+    assert moto.uploads() == []
+
+
 async def test_read_with_one_identity_write_with_another(seaweed: S3Server, disk: Path) -> None:
     seaweed.client().upload_file(str(disk), BUCKET, "disk.raw")
     reader, writer = seaweed.config(profile="reader"), seaweed.config(profile="weed")

@@ -24,7 +24,13 @@ from .errors import Cancelled, UsageError, VmiedError
 from .formats import open_reader, output_formats
 from .io.base import DEFAULT_READAHEAD, MiB
 from .io.open import create_sink, open_source
-from .io.s3_config import DEFAULT_PART_SIZE, DEFAULT_PARTS_IN_FLIGHT, DEFAULT_REMOTE_WINDOW, S3Config
+from .io.s3_config import (
+    DEFAULT_PART_SIZE,
+    DEFAULT_PARTS_IN_FLIGHT,
+    DEFAULT_REMOTE_WINDOW,
+    DEFAULT_ZERO_COPY_MAX,
+    S3Config,
+)
 from .pipeline import Progress, Workers
 
 EXIT_UNEXPECTED = 1
@@ -140,7 +146,8 @@ def s3_config(args: argparse.Namespace, profile: str | None) -> S3Config:
     return S3Config(profile=profile or args.profile, region=args.region, endpoint_url=args.endpoint_url,
                     path_style=args.path_style, ca_bundle=args.ca_bundle,
                     window=args.window_size * MiB, readahead=args.readahead,
-                    part_size=args.part_size * MiB, parts_in_flight=args.parts_in_flight)
+                    part_size=args.part_size * MiB, parts_in_flight=args.parts_in_flight,
+                    zero_copy_max=args.zero_copy_max * MiB)
 
 
 def add_storage_arguments(parser: argparse.ArgumentParser, destination: bool) -> None:
@@ -160,6 +167,9 @@ def add_storage_arguments(parser: argparse.ArgumentParser, destination: bool) ->
                        help="base multipart part size in MiB (grown only for very large outputs)")
     group.add_argument("--parts-in-flight", type=int, default=DEFAULT_PARTS_IN_FLIGHT, metavar="N",
                        help="parts uploaded at once (memory: part size x (N + 1))")
+    group.add_argument("--zero-copy-max", type=int, default=DEFAULT_ZERO_COPY_MAX // MiB, metavar="MIB",
+                       help="largest scratch object of zeros in the destination bucket that long runs of "
+                            "zeros are copied from inside the server (0: upload every zero)")
     if destination:
         group.add_argument("--dest-profile", help="AWS profile for the destination (overrides --profile)")
 

@@ -32,7 +32,13 @@ from typing import Any
 
 from .errors import UsageError
 from .io.base import DEFAULT_READAHEAD, MiB
-from .io.s3_config import DEFAULT_PART_SIZE, DEFAULT_PARTS_IN_FLIGHT, DEFAULT_REMOTE_WINDOW, S3Config
+from .io.s3_config import (
+    DEFAULT_PART_SIZE,
+    DEFAULT_PARTS_IN_FLIGHT,
+    DEFAULT_REMOTE_WINDOW,
+    DEFAULT_ZERO_COPY_MAX,
+    S3Config,
+)
 
 SYSTEM_CONFIG = "/etc/vmied/vmied.toml"
 SYSTEM_DROP_INS = "/etc/vmied/conf.d"
@@ -226,6 +232,9 @@ class LimitsConfig:
     part_size: int = field(default=DEFAULT_PART_SIZE,
                            metadata=meta(at_least(5 * MiB, "5MiB (the S3 minimum)"), "size"))
     parts_in_flight: int = field(default=DEFAULT_PARTS_IN_FLIGHT, metadata=meta(at_least(1)))
+    #: The largest scratch object of zeros that exports copy long runs of zeros from, inside the
+    #: server, instead of uploading them; 0: upload every zero.
+    zero_copy_max: int = field(default=DEFAULT_ZERO_COPY_MAX, metadata=meta(at_least(0), "size"))
 
 
 def check_policy(policy: Any) -> str | None:
@@ -290,14 +299,15 @@ class Config:
                         endpoint_url=self.s3.endpoint_url or None, path_style=self.s3.path_style,
                         ca_bundle=self.s3.ca_bundle or None, window=self.limits.window_size,
                         readahead=self.limits.readahead, part_size=self.limits.part_size,
-                        parts_in_flight=self.limits.parts_in_flight)
+                        parts_in_flight=self.limits.parts_in_flight, zero_copy_max=self.limits.zero_copy_max)
 
     def store_s3_config(self) -> S3Config:
         """Access to the snapshot store's bucket (``store.kind = "s3"``)."""
         return S3Config(profile=self.store.profile or None, region=self.store.region or None,
                         endpoint_url=self.store.endpoint_url or None, path_style=self.store.path_style,
                         ca_bundle=self.store.ca_bundle or None, part_size=self.limits.part_size,
-                        parts_in_flight=self.limits.parts_in_flight)
+                        parts_in_flight=self.limits.parts_in_flight,
+                        zero_copy_max=0)  # the store writes grains: no long runs of zeros to copy
 
     def credential(self, access_key_id: str) -> Credential | None:
         return next((c for c in self.credentials if c.access_key_id == access_key_id), None)

@@ -70,6 +70,18 @@ async def ordered_map(
             await asyncio.gather(*pending, return_exceptions=True)
 
 
+async def gather_all(*steps: Awaitable[R]) -> list[R]:
+    """``asyncio.gather``, but the first failure (or a cancellation) cancels and awaits the rest, so
+    no step outlives the caller (a request half-way through a multipart upload being aborted)."""
+    tasks = [asyncio.ensure_future(step) for step in steps]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def prefetch(items: AsyncIterable[T], depth: int = DEFAULT_DEPTH) -> AsyncGenerator[T, None]:
     """Run the producer ``items`` in its own task, up to ``depth`` items ahead of the consumer.
 

@@ -33,6 +33,7 @@ import hashlib
 import posixpath
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
+from functools import partial
 from typing import Any, TypeVar
 
 from botocore.exceptions import (
@@ -50,6 +51,7 @@ from ..extents import Buffer
 from .base import MiB, Placeholder, Sink, Source, check_sibling_name
 from .retry import RangedSource, Received, Retrier, Transient, network_failure, status_failure
 from .s3_config import S3Config, S3Location
+from .s3_zeros import RUNG_FACTOR, Rung, ZeroLadder
 
 T = TypeVar("T")
 
@@ -285,7 +287,10 @@ class S3Sink(Sink):
         self.on_part: Callable[[int, str, int], None] | None = None
         self.parts_skipped = 0
         self.zero_parts = 0  # parts sent from the shared zero buffer
+        self.copied_parts = 0  # parts of zeros copied inside the server (see :mod:`.s3_zeros`)
         self._zero: tuple[bytes, str] = (b"", "")  # the shared zero part and its Content-MD5
+        self._zero_copy_max = min(config.zero_copy_max, MAX_PART)
+        self._ladder: ZeroLadder | None = None  # made on the first long run of zeros
 
     @classmethod
     async def create(cls, location: S3Location, config: S3Config, expected_size: int | None = None) -> S3Sink:
@@ -335,7 +340,11 @@ class S3Sink(Sink):
         return True
 
     async def _request(self, action: str, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        return await self.retrier.run(lambda: s3_call(self.location, action, call), f"{what} {self.location}")
+        return await self._request_at(self.location, action, what, call)
+
+    async def _request_at(self, location: S3Location, action: str, what: str,
+                          call: Callable[[], Awaitable[T]]) -> T:
+        return await self.retrier.run(lambda: s3_call(location, action, call), f"{what} {location}")
 
     # -- placeholders: the parts that hold them wait in memory until they are filled
 
@@ -368,9 +377,9 @@ class S3Sink(Sink):
     # -- parts
 
     async def skip(self, length: int) -> None:
-        """Zeros. An object has no holes, but a whole part of zeros need not be assembled and hashed:
-        it is sent from one shared zero buffer whose Content-MD5 is computed once (raw outputs are
-        mostly such parts)."""
+        """Zeros. An object has no holes, but zeros need not be uploaded: a long run of them is copied
+        inside the server from scratch objects of zeros (:mod:`.s3_zeros`), and a whole part of them
+        is sent from one shared zero buffer whose Content-MD5 is computed once."""
         await self.flush()
         while length > 0:
             size = part_size(self._part_index, self.part_base)
@@ -378,16 +387,37 @@ class S3Sink(Sink):
                 step = min(length, size - len(self._part))  # up to the next part boundary
                 await self.write_zeros(step)
                 await self.flush()
+            elif rung := await self._zero_rung(length, size):
+                step = rung.size
+                number = self._next_part(step) + 1
+                self.copied_parts += 1
+                await self._launch(1, partial(self._copy_part, number, rung))
             else:
                 step = size
-                index = self._part_index
-                self._part_index += 1
-                self._part_offset += size
-                self.position += size
-                self.bytes_written += size
+                index = self._next_part(size)
                 self.zero_parts += 1
                 await self._upload(index, self._zero_part(size))
             length -= step
+
+    def _next_part(self, size: int) -> int:
+        """Take the next part's index for ``size`` bytes of zeros not assembled here."""
+        index = self._part_index
+        self._part_index += 1
+        self._part_offset += size
+        self.position += size
+        self.bytes_written += size
+        return index
+
+    async def _zero_rung(self, length: int, part_size: int) -> Rung | None:
+        """A scratch object of zeros to copy the next part from, for a run of ``length`` zeros; never
+        shorter than the planned ``part_size``, so the plan still holds the output."""
+        if not self._zero_copy_max or length < RUNG_FACTOR * self.part_base:
+            return None
+        if self._ladder is None:
+            self._zero_part(self.part_base)  # the seed of the ladder's first rung
+            self._ladder = ZeroLadder(self._client, self.location, self._request_at, self._zero,
+                                      self._zero_copy_max)
+        return await self._ladder.rung_for(length, part_size)
 
     def _zero_part(self, size: int) -> bytes:
         if len(self._zero[0]) != size:  # part sizes only grow: one size at a time is kept
@@ -417,10 +447,13 @@ class S3Sink(Sink):
 
     async def _upload(self, index: int, data: Buffer) -> None:
         """Start uploading part ``index`` once slots are free (the writer waits: back pressure)."""
-        self._raise_failed()
         if await self._uploaded_before(index + 1, data):
             return
-        weight = self._weight(len(data))
+        await self._launch(self._weight(len(data)), partial(self._upload_part, index + 1, data))
+
+    async def _launch(self, weight: int, start: Callable[[int], Awaitable[None]]) -> None:
+        """Run ``start(weight)`` as a task once ``weight`` slots are free, the upload created first."""
+        self._raise_failed()
         for _ in range(weight):  # one writer acquires at a time, so partial holds cannot deadlock
             await self._slots.acquire()
         try:
@@ -435,7 +468,7 @@ class S3Sink(Sink):
         except BaseException:
             self._release(weight)
             raise
-        task = asyncio.ensure_future(self._upload_part(index + 1, data, weight))
+        task = asyncio.ensure_future(start(weight))
         self._tasks.add(task)
 
     async def _uploaded_before(self, number: int, data: Buffer) -> bool:
@@ -473,13 +506,30 @@ class S3Sink(Sink):
                 lambda: self._client.upload_part(Bucket=self.location.bucket, Key=self.location.key,
                                                  UploadId=self._upload_id, PartNumber=number,
                                                  Body=data, ContentMD5=md5))
-            self._etags[number] = str(response["ETag"])
-            if self.on_part is not None:
-                self.on_part(number, self._etags[number], len(data))
+            self._part_done(number, str(response["ETag"]), len(data))
         finally:
             metrics.PARTS_IN_FLIGHT.dec()
             metrics.BUFFERED_BYTES.dec(len(data))
             self._release(weight)
+
+    async def _copy_part(self, number: int, rung: Rung, weight: int) -> None:
+        """Part ``number``: a copy of a scratch object of zeros, made inside the server."""
+        metrics.PARTS_IN_FLIGHT.inc()
+        try:
+            response = await self._request(
+                "s3:GetObject (UploadPartCopy)", f"UploadPartCopy {number} of",
+                lambda: self._client.upload_part_copy(Bucket=self.location.bucket, Key=self.location.key,
+                                                      UploadId=self._upload_id, PartNumber=number,
+                                                      CopySource=rung.copy_source(), CopySourceIfMatch=rung.etag))
+            self._part_done(number, str(response["CopyPartResult"]["ETag"]), rung.size)
+        finally:
+            metrics.PARTS_IN_FLIGHT.dec()
+            self._release(weight)
+
+    def _part_done(self, number: int, etag: str, size: int) -> None:
+        self._etags[number] = etag
+        if self.on_part is not None:
+            self.on_part(number, etag, size)
 
     def _raise_failed(self) -> None:
         for task in [t for t in self._tasks if t.done()]:
@@ -507,7 +557,12 @@ class S3Sink(Sink):
             await self._drain()
             await self._complete()
         await self._verify(size)
+        await self._remove_scratch()
         await self._stack.aclose()
+
+    async def _remove_scratch(self) -> None:
+        if self._ladder is not None:
+            await self._ladder.remove()
 
     async def _put(self, data: bytearray) -> None:
         md5 = await asyncio.to_thread(content_md5, data)
@@ -547,6 +602,7 @@ class S3Sink(Sink):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             self._tasks.clear()
+            await self._remove_scratch()  # made again if the upload resumes
         finally:
             self._part = bytearray()
             self._held.clear()
@@ -573,6 +629,7 @@ class S3Sink(Sink):
                 await self._request("s3:DeleteObject", "DeleteObject", lambda: self._client.delete_object(
                     Bucket=self.location.bucket, Key=self.location.key))
         finally:
+            await self._remove_scratch()
             self._part = bytearray()
             self._held.clear()
             await self._stack.aclose()

@@ -18,6 +18,8 @@ DEFAULT_PARTS_IN_FLIGHT = 4
 #: millisecond of CPU (signing, parsing), and the server its own: 4 MiB windows read a raw object
 #: from a SeaweedFS on the same 2 cores at about 350 MB/s, 8 MiB ones at about 500 MB/s.
 DEFAULT_REMOTE_WINDOW = 8 * MiB
+#: The largest scratch object of zeros long runs of zeros are copied from (:mod:`.s3_zeros`).
+DEFAULT_ZERO_COPY_MAX = 512 * MiB
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,5 +53,6 @@ class S3Config:
     readahead: int = DEFAULT_READAHEAD  # ranged GETs in flight ahead of the reader
     part_size: int = DEFAULT_PART_SIZE  # base part size (grown only by the plan, see the module's table)
     parts_in_flight: int = DEFAULT_PARTS_IN_FLIGHT
+    zero_copy_max: int = DEFAULT_ZERO_COPY_MAX  # 0: upload every zero, copy none inside the server
     connections: int = 16
     retry: RetryPolicy = field(default_factory=RetryPolicy)

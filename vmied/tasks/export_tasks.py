@@ -37,6 +37,7 @@ from ..formats.ova import appliance_name, write_appliance
 from ..io.base import Sink
 from ..io.s3 import S3Sink, s3_call, s3_client
 from ..io.s3_config import S3Config, S3Location
+from ..io.s3_zeros import remove_scratch
 from ..pipeline import Progress, Workers, prefetch
 from .db import Task
 from .engine import TaskContext, TaskFailed, TaskKind, register_kind
@@ -274,10 +275,19 @@ async def cleanup_export(context: TaskContext) -> None:
     context.task.checkpoint.clear()
 
 
+async def remove_scratch_objects(client: Any, location: S3Location) -> None:
+    """Delete the scratch objects of zeros the export's sink copied from, if a crash left them."""
+    try:
+        await remove_scratch(client, location, lambda at, action, _, call: s3_call(at, action, call))
+    except VmiedError as exc:
+        log.warning("could not remove the scratch objects of %s: %s", location, exc.message)
+
+
 async def abort_uploads(config: S3Config, location: S3Location) -> None:
-    """Abort every multipart upload of exactly ``location``'s key."""
+    """Abort every multipart upload of exactly ``location``'s key, and remove its scratch objects."""
     async with AsyncExitStack() as stack:
         client = await s3_client(config, stack)
+        await remove_scratch_objects(client, location)
         try:
             listing = await s3_call(location, "s3:ListBucketMultipartUploads", lambda: client.list_multipart_uploads(
                 Bucket=location.bucket, Prefix=location.key))
