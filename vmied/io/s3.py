@@ -7,10 +7,12 @@ mixing two versions. Failed reads resume from the last byte received (:mod:`.ret
 Sink: the output is cut into parts in order and up to ``parts_in_flight`` parts upload at once,
 each with its Content-MD5. A part that overlaps a placeholder (a region the writer fills at the
 end) stays in memory until it is filled; parts may be uploaded in any order, and every part but
-the last has its planned size (>= 5 MiB, as S3 requires). Parts in flight are counted in base
-parts (a part of twice the base takes two slots), so memory stays about
-``base part size x (parts in flight + 1)`` plus the parts holding placeholders, until the output
-is so large that one part alone must outgrow that (see the table), whatever the disk size.
+the last has its planned size (>= 5 MiB, as S3 requires), or is a long run of zeros copied inside
+the server from a scratch object (:mod:`.s3_zeros`; at least its planned size, and it takes one slot
+but no memory). Parts in flight are counted in base parts (a part of twice the base takes two
+slots), so memory stays about ``base part size x (parts in flight + 1)`` plus the parts holding
+placeholders, until the output is so large that one part alone must outgrow that (see the table),
+whatever the disk size.
 An output smaller than one part is a single PUT. On failure or cancellation the upload is aborted
 (no orphan parts, no object); on success the object's size is checked with HeadObject.
 
