@@ -24,7 +24,7 @@ from botocore.exceptions import ClientError
 
 from tests.daemon import DaemonProcess, HeldServer, aws, aws_json, make_raw, make_vmdk, upload, wait_for_task
 from tests.faultproxy import FaultProxy
-from tests.helpers import MiB, qemu_img
+from tests.helpers import MiB, qemu_img, write_sparse_raw
 from tests.s3server import BUCKET, S3Server, aws_files, moto_server  # noqa: F401  (fixtures)
 
 EXPORT_BUCKET = "vmied-exports"
@@ -412,6 +412,7 @@ class HoldingProxy(FaultProxy):
         self.released = threading.Event()
         self.held = 0
         self.parts: list[tuple[int, int]] = []  # (part number, HTTP status) of every UploadPart answered
+        self.copies = 0  # requests that name a copy source (UploadPartCopy)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         query = parse_qs(request.query_string)
@@ -422,6 +423,7 @@ class HoldingProxy(FaultProxy):
         response = await super()._handle(request)
         if request.method == "PUT" and "partNumber" in query:
             self.parts.append((int(query["partNumber"][0]), response.status))
+        self.copies += "x-amz-copy-source" in request.headers
         return response
 
     def release(self) -> None:
@@ -479,6 +481,57 @@ def test_cancelled_export_leaves_no_object_and_no_upload(held_daemon: DaemonProc
     wait_until(lambda: proxy.held == 0, "the held part to be answered")
     assert moto_server.uploads(EXPORT_BUCKET) == []
     assert not [key for key in moto_server.objects(EXPORT_BUCKET) if key.startswith("cancel/")]
+
+
+@pytest.fixture(scope="module")
+def sparse_image(held_daemon: DaemonProcess, moto_server: S3Server, tmp_path_factory: pytest.TempPathFactory,
+                 proxy: HoldingProxy) -> tuple[str, Path]:
+    """A 96 MiB disk with data only in its first and last MiB: its RAW export is one long run of zeros."""
+    root = tmp_path_factory.mktemp("sparse")
+    raw = root / "sparse.raw"
+    write_sparse_raw(raw, 96 * MiB, [(0, MiB), (95 * MiB, MiB)], seed=41)
+    upload(moto_server, make_vmdk(raw, root / "sparse.vmdk"), "vms/sparse.vmdk")
+    proxy.rearm(lambda method, query: False)
+    return import_image(held_daemon.client(), "vms/sparse.vmdk"), raw
+
+
+def scratch_objects(s3: S3Server) -> list[str]:
+    return [key for key in s3.objects(EXPORT_BUCKET) + s3.uploads(EXPORT_BUCKET) if ".vmied-zeros-" in key]
+
+
+def test_raw_export_copies_its_zeros_inside_the_server(held_daemon: DaemonProcess, proxy: HoldingProxy,
+                                                       sparse_image: tuple[str, Path], moto_server: S3Server,
+                                                       tmp_path: Path) -> None:
+    """Parts of 5 MiB: the 40 MiB scratch object of zeros is made, checked, copied twice, deleted."""
+    image_id, raw = sparse_image
+    ec2 = held_daemon.client()
+    proxy.rearm(lambda method, query: False)
+    copies = proxy.copies
+    task_id = ec2.export_image(ImageId=image_id, DiskImageFormat="RAW",
+                               S3ExportLocation={"S3Bucket": EXPORT_BUCKET, "S3Prefix": "zeros/"})["ExportImageTaskId"]
+    assert wait_export_image(ec2, task_id)["Status"] == "completed"
+    assert proxy.copies - copies == 1 + 2  # the test copy, then 2 parts of 40 MiB
+    assert fetch(moto_server, f"zeros/{task_id}.raw", tmp_path / "out.raw").read_bytes() == raw.read_bytes()
+    assert scratch_objects(moto_server) == [] and moto_server.uploads(EXPORT_BUCKET) == []
+
+
+def test_export_cancelled_while_its_scratch_object_is_made_leaves_nothing(
+        held_daemon: DaemonProcess, proxy: HoldingProxy, sparse_image: tuple[str, Path],
+        moto_server: S3Server) -> None:
+    image_id, _ = sparse_image
+    ec2 = held_daemon.client()
+    proxy.rearm(holds_parts_after(1))  # the export's part 1 goes out, and part 1 of the scratch object
+    task_id = ec2.export_image(ImageId=image_id, DiskImageFormat="RAW",
+                               S3ExportLocation={"S3Bucket": EXPORT_BUCKET, "S3Prefix": "zeros-cancel/"}
+                               )["ExportImageTaskId"]
+    wait_until(lambda: proxy.held > 0 and any(".vmied-zeros-" in key for key in moto_server.uploads(EXPORT_BUCKET)),
+               "a part of the scratch object to be held")
+    ec2.cancel_export_task(ExportTaskId=task_id)
+    assert wait_export_image(ec2, task_id)["Status"] == "deleted"
+    proxy.release()
+    wait_until(lambda: proxy.held == 0, "the held parts to be answered")
+    assert moto_server.uploads(EXPORT_BUCKET) == [] and scratch_objects(moto_server) == []
+    assert not [key for key in moto_server.objects(EXPORT_BUCKET) if key.startswith("zeros-cancel/")]
 
 
 @pytest.mark.parametrize("reads_let_through", [0, 3])
