@@ -64,10 +64,7 @@ async def ordered_map(
         while pending:
             yield await pending.popleft()
     finally:
-        for future in pending:
-            future.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+        await cancel_and_wait(*pending)
 
 
 async def gather_all(*steps: Awaitable[R]) -> list[R]:
@@ -77,9 +74,15 @@ async def gather_all(*steps: Awaitable[R]) -> list[R]:
     try:
         return list(await asyncio.gather(*tasks))
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(*tasks)
+
+
+async def cancel_and_wait(*futures: asyncio.Future[Any]) -> None:
+    """Cancel ``futures`` (those still running) and wait until each has finished, its error swallowed:
+    what a caller does before it lets go of work it started, so none outlives it."""
+    for future in futures:
+        future.cancel()
+    await asyncio.gather(*futures, return_exceptions=True)
 
 
 async def prefetch(items: AsyncIterable[T], depth: int = DEFAULT_DEPTH) -> AsyncGenerator[T, None]:
@@ -110,8 +113,7 @@ async def prefetch(items: AsyncIterable[T], depth: int = DEFAULT_DEPTH) -> Async
                 return
             yield value  # type: ignore[misc]
     finally:
-        producer.cancel()
-        await asyncio.gather(producer, return_exceptions=True)
+        await cancel_and_wait(producer)
 
 
 @dataclass

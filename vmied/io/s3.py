@@ -50,10 +50,11 @@ from botocore.exceptions import (
 from .. import metrics
 from ..errors import StorageError
 from ..extents import Buffer
+from ..pipeline import cancel_and_wait
 from .base import MiB, Placeholder, Sink, Source, check_sibling_name
 from .retry import RangedSource, Received, Retrier, Transient, network_failure, status_failure
 from .s3_config import S3Config, S3Location
-from .s3_zeros import RUNG_FACTOR, Rung, ZeroLadder
+from .s3_zeros import Rung, ZeroLadder, copy_rung
 
 T = TypeVar("T")
 
@@ -413,7 +414,7 @@ class S3Sink(Sink):
     async def _zero_rung(self, length: int, part_size: int) -> Rung | None:
         """A scratch object of zeros to copy the next part from, for a run of ``length`` zeros; never
         shorter than the planned ``part_size``, so the plan still holds the output."""
-        if not self._zero_copy_max or length < RUNG_FACTOR * self.part_base:
+        if not self._zero_copy_max:
             return None
         if self._ladder is None:
             self._zero_part(self.part_base)  # the seed of the ladder's first rung
@@ -518,12 +519,9 @@ class S3Sink(Sink):
         """Part ``number``: a copy of a scratch object of zeros, made inside the server."""
         metrics.PARTS_IN_FLIGHT.inc()
         try:
-            response = await self._request(
-                "s3:GetObject (UploadPartCopy)", f"UploadPartCopy {number} of",
-                lambda: self._client.upload_part_copy(Bucket=self.location.bucket, Key=self.location.key,
-                                                      UploadId=self._upload_id, PartNumber=number,
-                                                      CopySource=rung.copy_source(), CopySourceIfMatch=rung.etag))
-            self._part_done(number, str(response["CopyPartResult"]["ETag"]), rung.size)
+            assert self._upload_id is not None  # created before any part is launched
+            etag = await copy_rung(self._client, self._request_at, self.location, self._upload_id, number, rung)
+            self._part_done(number, etag, rung.size)
         finally:
             metrics.PARTS_IN_FLIGHT.dec()
             self._release(weight)
@@ -598,25 +596,17 @@ class S3Sink(Sink):
                                reason="s3.checksum")
 
     async def detach(self) -> None:
-        """Stop the uploads in flight and let go, keeping the multipart upload for :meth:`resume`."""
+        """Stop the uploads in flight and let go, keeping the multipart upload for :meth:`resume`
+        (the scratch objects of zeros go: a resumed upload makes them again)."""
         try:
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-            self._tasks.clear()
-            await self._remove_scratch()  # made again if the upload resumes
+            await self._stop_uploads()
         finally:
-            self._part = bytearray()
-            self._held.clear()
-            await self._stack.aclose()
+            await self._let_go()
 
     async def abort(self) -> None:
         """Stop the uploads in flight, abort the multipart upload, and remove an object this sink wrote."""
         try:
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-            self._tasks.clear()
+            await self._stop_uploads()
             if self._upload_id is not None:
                 upload_id, self._upload_id = self._upload_id, None
                 try:
@@ -631,7 +621,17 @@ class S3Sink(Sink):
                 await self._request("s3:DeleteObject", "DeleteObject", lambda: self._client.delete_object(
                     Bucket=self.location.bucket, Key=self.location.key))
         finally:
+            await self._let_go()
+
+    async def _stop_uploads(self) -> None:
+        await cancel_and_wait(*self._tasks)
+        self._tasks.clear()
+
+    async def _let_go(self) -> None:
+        """Remove the scratch objects of zeros, drop the parts held in memory, close the client."""
+        try:
             await self._remove_scratch()
+        finally:
             self._part = bytearray()
             self._held.clear()
             await self._stack.aclose()

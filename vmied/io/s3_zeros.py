@@ -88,10 +88,6 @@ class ZeroLadder:
         self._written: list[S3Location] = []  # scratch objects that may exist: removed at the end
         self.enabled = bool(self._sizes)
 
-    @property
-    def smallest(self) -> int:
-        return self._sizes[0] if self._sizes else 0
-
     async def rung_for(self, length: int, at_least: int) -> Rung | None:
         """The largest rung no longer than ``length`` and no shorter than ``at_least``, built if it must be;
         None if there is none or the server refused to build the ladder."""
@@ -161,15 +157,7 @@ class ZeroLadder:
         return str(response["ETag"])
 
     def _copy_part(self, rung: Rung) -> Callable[[S3Location, str, int], Awaitable[str]]:
-        async def copy(location: S3Location, upload_id: str, number: int) -> str:
-            response = await self._request(location, "s3:GetObject (UploadPartCopy)", f"UploadPartCopy {number} of",
-                                           lambda: self._client.upload_part_copy(
-                                               Bucket=location.bucket, Key=location.key, UploadId=upload_id,
-                                               PartNumber=number, CopySource=rung.copy_source(),
-                                               CopySourceIfMatch=rung.etag))
-            return str(response["CopyPartResult"]["ETag"])
-
-        return copy
+        return partial(copy_rung, self._client, self._request, rung=rung)
 
     async def _abort(self, location: S3Location, upload_id: str) -> None:
         try:
@@ -190,6 +178,16 @@ class ZeroLadder:
                                     partial(self._client.delete_object, Bucket=location.bucket, Key=location.key))
             except StorageError as exc:
                 log.warning("could not delete the scratch object %s: %s", location, exc.message)
+
+
+async def copy_rung(client: Any, request: Request, location: S3Location, upload_id: str, number: int,
+                    rung: Rung) -> str:
+    """Part ``number`` of the upload of ``location``: a copy of ``rung``, made inside the server; its ETag."""
+    response = await request(location, "s3:GetObject (UploadPartCopy)", f"UploadPartCopy {number} of",
+                             lambda: client.upload_part_copy(
+                                 Bucket=location.bucket, Key=location.key, UploadId=upload_id, PartNumber=number,
+                                 CopySource=rung.copy_source(), CopySourceIfMatch=rung.etag))
+    return str(response["CopyPartResult"]["ETag"])
 
 
 async def remove_scratch(client: Any, output: S3Location, request: Request) -> None:

@@ -38,7 +38,7 @@ from ..fastio import is_zero, zero_grains
 from ..formats.base import ImageInfo, Reader
 from ..io.base import Sink, Source
 from ..metrics import STORE_BYTES, STORE_GRAINS
-from ..pipeline import DEFAULT_DEPTH, OrderedDigest, Progress, Workers, ordered_map, prefetch
+from ..pipeline import DEFAULT_DEPTH, OrderedDigest, Progress, Workers, cancel_and_wait, ordered_map, prefetch
 from .layout import (
     GRAIN_SIZE,
     MANIFEST_NAME,
@@ -571,9 +571,7 @@ class _SnapshotWriter:
     async def abort(self) -> None:
         """Stop everything in flight and remove every object of this snapshot; never raises."""
         try:
-            for task in self._commits:
-                task.cancel()
-            await asyncio.gather(*self._commits, return_exceptions=True)
+            await cancel_and_wait(*self._commits)
             self._commits.clear()
             if self._sink is not None:
                 sink, self._sink = self._sink, None

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import metrics
 from ..errors import Cancelled, VmiedError
-from ..pipeline import Progress
+from ..pipeline import Progress, cancel_and_wait
 from .db import ACTIVE, COMPLETED, DELETED, DELETING, Catalog, Task
 
 if TYPE_CHECKING:
@@ -138,9 +138,7 @@ class TaskContext:
                     return running.result()
                 self.check()
         finally:
-            if not running.done():
-                running.cancel()
-                await asyncio.gather(running, return_exceptions=True)
+            await cancel_and_wait(running)
 
     async def phase(self, message: str, percent: int | None, name: str | None = None) -> None:
         """Enter a phase: statusMessage ``message``, progress ``percent``; written to the database."""
@@ -341,9 +339,7 @@ class Engine:
         runners = [runner for _, runner in self.running.values()]
         if runners:
             _, still = await asyncio.wait(runners, timeout=max(grace, 0.0))
-            for runner in still:
-                runner.cancel()
-            await asyncio.gather(*still, return_exceptions=True)
+            await cancel_and_wait(*still)
         # Progress of interrupted tasks, so a status page after the restart shows where they were.
         for context in contexts:
             if context._saving is not None:
