@@ -6,7 +6,8 @@ connection reset in the middle of the body, a body cut short with a clean close,
 than the client's read timeout, or an uploaded body with one byte flipped. Faults fire exactly
 once each, in a deterministic order, and every one that fired is recorded in
 :attr:`FaultProxy.fired`. A proxy may also stand for a server that copies nothing: every request
-naming a copy source (CopyObject, UploadPartCopy) is answered 501 NotImplemented.
+naming a copy source (CopyObject, UploadPartCopy) is answered 501 NotImplemented; or for one that
+ignores ``x-amz-copy-source-range``: the header is dropped, and the whole source is copied.
 """
 
 from __future__ import annotations
@@ -43,12 +44,12 @@ class Fault:
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, plan: list[Fault], stall: float = 5.0, refuse_copies: bool = False) -> None:
+    def __init__(self, upstream: str, plan: list[Fault], stall: float = 5.0, copies: str = "served") -> None:
         self.upstream = upstream.rstrip("/")
         self.plan = list(plan)
         self.stall = stall
-        self.refuse_copies = refuse_copies
-        self.copies_refused = 0
+        self.copies = copies  # "served", "refused" (501), or "whole" (the range header dropped)
+        self.copies_altered = 0  # copy requests refused or stripped of their range
         self.fired: list[str] = []
         self.counts: dict[str, int] = {}
         self.endpoint = ""
@@ -68,9 +69,13 @@ class FaultProxy:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         kind = self._take(request.method)
-        if self.refuse_copies and "x-amz-copy-source" in request.headers:
-            self.copies_refused += 1
+        dropped = set()
+        if self.copies == "refused" and "x-amz-copy-source" in request.headers:
+            self.copies_altered += 1
             kind = "nocopy"
+        elif self.copies == "whole" and "x-amz-copy-source-range" in request.headers:
+            self.copies_altered += 1
+            dropped.add("x-amz-copy-source-range")
         if kind in STATUS_FAULTS:
             status, code, message = STATUS_FAULTS[kind]
             xml = f"<?xml version='1.0'?><Error><Code>{code}</Code><Message>{message}</Message></Error>"
@@ -80,7 +85,7 @@ class FaultProxy:
             return web.Response()  # never sent: the connection is gone
         if kind == "corrupt" and body:  # one byte flipped on the way: the part's checksum must catch it
             body = body[:-1] + bytes([body[-1] ^ 0xFF])
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP | dropped}
         assert self._session is not None
         async with self._session.request(request.method, self.upstream + request.path_qs, headers=headers,
                                          data=body if body else None, allow_redirects=False) as upstream:
@@ -149,8 +154,8 @@ def _reset(request: web.Request) -> None:
 
 @contextmanager
 def fault_proxy(upstream: str, plan: list[Fault], stall: float = 5.0,
-                refuse_copies: bool = False) -> Iterator[FaultProxy]:
-    proxy = FaultProxy(upstream, plan, stall, refuse_copies).start()
+                copies: str = "served") -> Iterator[FaultProxy]:
+    proxy = FaultProxy(upstream, plan, stall, copies).start()
     try:
         yield proxy
     finally:

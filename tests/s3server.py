@@ -155,6 +155,33 @@ def seaweed_running(root: Path) -> Iterator[S3Server]:
          "actions": ["Read", "List"]},
     ]
     (root / "s3.json").write_text(json.dumps({"identities": identities}))
+    for attempt in range(1, STARTS + 1):
+        process, s3 = start_weed(weed, root)
+        try:
+            wait_for_bucket(s3, process, root / "weed.log")
+            break
+        except WeedExited:
+            if attempt == STARTS:
+                raise
+        except BaseException:
+            stop(process)
+            raise
+    try:
+        yield s3
+    finally:
+        stop(process)
+
+
+#: Starts of SeaweedFS tried: the free ports picked for it can be taken by another process before it
+#: binds them (then it exits at once, and is started again on other ports).
+STARTS = 3
+
+
+class WeedExited(RuntimeError):
+    pass
+
+
+def start_weed(weed: str, root: Path) -> tuple[subprocess.Popen[bytes], S3Server]:
     s3_port = free_port()
     ports = {name: free_port() for name in ("master", "volume", "filer")}
     command = [
@@ -165,19 +192,18 @@ def seaweed_running(root: Path) -> Iterator[S3Server]:
         "-filer", "-s3", f"-s3.port={s3_port}", f"-s3.port.grpc={free_port()}", "-s3.port.iceberg=0",
         "-s3.port.lance=0", f"-s3.config={root / 's3.json'}",
     ]
-    with open(root / "weed.log", "wb") as log:  # the child keeps its own descriptor
+    with open(root / "weed.log", "ab") as log:  # the child keeps its own descriptor
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=root)
-    s3 = S3Server(f"http://127.0.0.1:{s3_port}", "weed")
+    return process, S3Server(f"http://127.0.0.1:{s3_port}", "weed")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
     try:
-        wait_for_bucket(s3, process, root / "weed.log")
-        yield s3
-    finally:
-        process.terminate()
-        try:
-            process.wait(3)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        process.wait(3)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def wait_for_bucket(s3: S3Server, process: subprocess.Popen[bytes], log: Path, limit: float = 60.0) -> None:
@@ -185,7 +211,7 @@ def wait_for_bucket(s3: S3Server, process: subprocess.Popen[bytes], log: Path, l
     deadline = time.monotonic() + limit
     while True:
         if process.poll() is not None:
-            raise RuntimeError(f"weed exited: {log.read_text()[-2000:]}")
+            raise WeedExited(f"weed exited: {log.read_text()[-2000:]}")
         try:
             urllib.request.urlopen(s3.endpoint, timeout=1).close()
         except urllib.error.HTTPError:

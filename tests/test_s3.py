@@ -269,21 +269,28 @@ async def write_with_zero_run(sink: S3Sink, zeros: int) -> str:
     return digest.hexdigest()
 
 
-@pytest.mark.parametrize(("server_name", "zero_copy_max", "zeros", "copied"), [
-    ("moto", 8 * MIN_PART, 2 * MiB + 2 * 40 * MiB + 6 * MiB, 2),  # one rung: 40 MiB
-    ("seaweed", 64 * MIN_PART, 2 * MiB + (320 + 40 + 40) * MiB + 6 * MiB, 3),  # rungs of 40 and 320 MiB
+@pytest.mark.parametrize(("server_name", "zero_copy_max", "zeros", "part_sizes"), [
+    # one rung of 40 MiB: copied whole while the run is longer; the 3 MiB left go with the tail
+    ("moto", 8 * MIN_PART, (2 + 40 + 40 + 3) * MiB, [5, 40, 40, 5]),
+    # the 6 MiB left make a part of their own: a range of the rung
+    ("moto", 8 * MIN_PART, (2 + 40 + 6) * MiB, [5, 40, 6, 2]),
+    # rungs of 40 and 320 MiB: the largest whole, then a range of it
+    ("seaweed", 64 * MIN_PART, (2 + 320 + 100) * MiB, [5, 320, 100, 2]),
 ])
-async def test_long_zero_runs_are_copied_inside_the_server(request: pytest.FixtureRequest, server_name: str,
-                                                           zero_copy_max: int, zeros: int, copied: int) -> None:
-    """A run of zeros is covered by copies of the largest scratch objects of zeros that fit; the rest
-    of it is uploaded. The object is what was written, its checksum verified; no scratch object and
-    no upload is left."""
+async def test_zero_runs_are_copied_inside_the_server(request: pytest.FixtureRequest, server_name: str,
+                                                      zero_copy_max: int, zeros: int, part_sizes: list[int]) -> None:
+    """A run of zeros is covered by whole copies of the largest scratch object of zeros while it is
+    longer, then by a copy of the rest from the smallest one holding it, if the rest makes a part.
+    The object is what was written, its checksum verified; no scratch object and no upload is left."""
     server: S3Server = request.getfixturevalue(server_name)
     config = server.config(part_size=MIN_PART, zero_copy_max=zero_copy_max)
     sink = await create_sink(url("sparse.raw"), config)
     assert isinstance(sink, S3Sink)
+    sizes: dict[int, int] = {}
+    sink.on_part = lambda number, etag, size: sizes.__setitem__(number, size)
     expected = await write_with_zero_run(sink, zeros)
-    assert (sink.copied_parts, sink.zero_parts) == (copied, 1)  # and one 5 MiB part of zeros sent
+    assert [sizes[number] / MiB for number in sorted(sizes)] == part_sizes
+    assert (sink.copied_parts, sink.zero_parts) == (len(part_sizes) - 2, 0)
     assert s3_sha256(server, "sparse.raw") == expected
     assert server.objects() == ["sparse.raw"] and server.uploads() == []
 
@@ -294,8 +301,8 @@ async def test_a_resumed_upload_keeps_its_parts_and_copies_its_zeros_again(moto:
     config = moto.config(part_size=MIN_PART, parts_in_flight=1, zero_copy_max=8 * MIN_PART)
     rng = random.Random(8)
     head, tail = rng.randbytes(3 * MiB), rng.randbytes(8 * MiB)
-    zeros = 2 * MiB + 40 * MiB + 6 * MiB  # part 1 ends in zeros, part 2 is copied, part 3 sent from the
-    recorded: dict[int, tuple[str, int]] = {}  # shared zeros, part 4 holds the last MiB and the tail
+    zeros = 2 * MiB + 40 * MiB + 6 * MiB  # part 1 ends in zeros, parts 2 and 3 are copies (the rung, and 6
+    recorded: dict[int, tuple[str, int]] = {}  # MiB of it), parts 4 and 5 hold the tail
 
     async def write(sink: S3Sink) -> None:
         await sink.write(head)
@@ -309,7 +316,7 @@ async def test_a_resumed_upload_keeps_its_parts_and_copies_its_zeros_again(moto:
     while len(recorded) < 4:
         await asyncio.sleep(0.01)
     upload_id = first.upload_id
-    assert upload_id is not None and first.copied_parts == 1
+    assert upload_id is not None and first.copied_parts == 2
     await first.detach()
     assert moto.objects() == [] and moto.uploads() == ["resumed.raw"]
     second = await create_sink(url("resumed.raw"), config)
@@ -317,20 +324,22 @@ async def test_a_resumed_upload_keeps_its_parts_and_copies_its_zeros_again(moto:
     assert await second.resume(upload_id, recorded, first.part_base)
     await write(second)
     await second.commit()
-    assert (second.parts_skipped, second.copied_parts) == (3, 1)
+    assert (second.parts_skipped, second.copied_parts) == (2, 2)
     expected = head + bytes(zeros) + tail
     assert moto.client().get_object(Bucket=BUCKET, Key="resumed.raw")["Body"].read() == expected
     assert moto.objects() == ["resumed.raw"] and moto.uploads() == []
 
 
-async def test_a_server_that_cannot_copy_gets_the_zeros_uploaded(moto: S3Server) -> None:
-    """The first rung is copied once into a throwaway upload; refused (501 here), the ladder is off."""
-    with fault_proxy(moto.endpoint, [], refuse_copies=True) as proxy:
+@pytest.mark.parametrize("copies", ["refused", "whole"])
+async def test_a_server_that_cannot_copy_ranges_gets_the_zeros_uploaded(moto: S3Server, copies: str) -> None:
+    """A range of the first rung is copied once into a throwaway upload; refused (501), or made whole
+    as by a server that ignores the range, the ladder is off and the zeros are uploaded."""
+    with fault_proxy(moto.endpoint, [], copies=copies) as proxy:
         config = moto.config(proxy.endpoint, part_size=MIN_PART, zero_copy_max=8 * MIN_PART)
         sink = await create_sink(url("sparse.raw"), config)
         assert isinstance(sink, S3Sink)
         expected = await write_with_zero_run(sink, 2 * MiB + 2 * 40 * MiB + 6 * MiB)
-    assert proxy.copies_refused == 1
+    assert proxy.copies_altered == 1
     assert (sink.copied_parts, sink.zero_parts) == (0, 17)
     assert s3_sha256(moto, "sparse.raw") == expected
     assert moto.objects() == ["sparse.raw"] and moto.uploads() == []

@@ -7,9 +7,9 @@ mixing two versions. Failed reads resume from the last byte received (:mod:`.ret
 Sink: the output is cut into parts in order and up to ``parts_in_flight`` parts upload at once,
 each with its Content-MD5. A part that overlaps a placeholder (a region the writer fills at the
 end) stays in memory until it is filled; parts may be uploaded in any order, and every part but
-the last has its planned size (>= 5 MiB, as S3 requires), or is a long run of zeros copied inside
-the server from a scratch object (:mod:`.s3_zeros`; at least its planned size, and it takes one slot
-but no memory). Parts in flight are counted in base parts (a part of twice the base takes two
+the last has its planned size (>= 5 MiB, as S3 requires), or is a run of zeros copied inside the
+server from a scratch object (:mod:`.s3_zeros`; at least its planned size, and it takes one slot but
+no memory). Parts in flight are counted in base parts (a part of twice the base takes two
 slots), so memory stays about ``base part size x (parts in flight + 1)`` plus the parts holding
 placeholders, until the output is so large that one part alone must outgrow that (see the table),
 whatever the disk size.
@@ -53,13 +53,12 @@ from ..extents import Buffer
 from ..pipeline import cancel_and_wait
 from .base import MiB, Placeholder, Sink, Source, check_sibling_name
 from .retry import RangedSource, Received, Retrier, Transient, network_failure, status_failure
-from .s3_config import S3Config, S3Location
-from .s3_zeros import Rung, ZeroLadder, copy_rung
+from .s3_config import MIN_PART, S3Config, S3Location
+from .s3_zeros import ZeroCopy, ZeroLadder, copy_zeros, rung_sizes
 
 T = TypeVar("T")
 
 GiB = 1 << 30
-MIN_PART = 5 * MiB
 MAX_PART = 5 * GiB
 MAX_PARTS = 10_000
 #: Parts at the base size before sizes start doubling (see the module's table).
@@ -195,7 +194,9 @@ async def s3_client(config: S3Config, stack: AsyncExitStack) -> Any:
             read_timeout=config.retry.read_timeout,
             max_pool_connections=config.connections,
             retries={"total_max_attempts": 1},  # vmied's Retrier retries, and records why
-            s3={"addressing_style": "path" if config.path_style else "auto"},
+            # Parts carry a Content-MD5, which the signature covers: over http too, a SHA-256 of every
+            # body would be a second hash of every byte (botocore already leaves it out over https).
+            s3={"addressing_style": "path" if config.path_style else "auto", "payload_signing_enabled": False},
             request_checksum_calculation="when_required",  # parts carry their own Content-MD5
             response_checksum_validation="when_required",
         )
@@ -380,9 +381,9 @@ class S3Sink(Sink):
     # -- parts
 
     async def skip(self, length: int) -> None:
-        """Zeros. An object has no holes, but zeros need not be uploaded: a long run of them is copied
-        inside the server from scratch objects of zeros (:mod:`.s3_zeros`), and a whole part of them
-        is sent from one shared zero buffer whose Content-MD5 is computed once."""
+        """Zeros. An object has no holes, but zeros need not be uploaded: runs of them are copied inside
+        the server from scratch objects of zeros (:mod:`.s3_zeros`), or else a whole part of them is
+        sent from one shared zero buffer whose Content-MD5 is computed once."""
         await self.flush()
         while length > 0:
             size = part_size(self._part_index, self.part_base)
@@ -390,11 +391,11 @@ class S3Sink(Sink):
                 step = min(length, size - len(self._part))  # up to the next part boundary
                 await self.write_zeros(step)
                 await self.flush()
-            elif rung := await self._zero_rung(length, size):
-                step = rung.size
+            elif copy := await self._zero_copy(length, size):
+                step = copy.size
                 number = self._next_part(step) + 1
                 self.copied_parts += 1
-                await self._launch(1, partial(self._copy_part, number, rung))
+                await self._launch(1, partial(self._copy_part, number, copy))
             else:
                 step = size
                 index = self._next_part(size)
@@ -411,16 +412,15 @@ class S3Sink(Sink):
         self.bytes_written += size
         return index
 
-    async def _zero_rung(self, length: int, part_size: int) -> Rung | None:
-        """A scratch object of zeros to copy the next part from, for a run of ``length`` zeros; never
+    async def _zero_copy(self, length: int, part_size: int) -> ZeroCopy | None:
+        """The next part of a run of ``length`` zeros as a copy of a scratch object of zeros; never
         shorter than the planned ``part_size``, so the plan still holds the output."""
         if not self._zero_copy_max:
             return None
         if self._ladder is None:
-            self._zero_part(self.part_base)  # the seed of the ladder's first rung
-            self._ladder = ZeroLadder(self._client, self.location, self._request_at, self._zero,
-                                      self._zero_copy_max)
-        return await self._ladder.rung_for(length, part_size)
+            self._ladder = ZeroLadder(self._client, self.location, self._request_at, content_md5,
+                                      rung_sizes(self.part_base, self._zero_copy_max))
+        return await self._ladder.copy_for(length, part_size)
 
     def _zero_part(self, size: int) -> bytes:
         if len(self._zero[0]) != size:  # part sizes only grow: one size at a time is kept
@@ -515,13 +515,13 @@ class S3Sink(Sink):
             metrics.BUFFERED_BYTES.dec(len(data))
             self._release(weight)
 
-    async def _copy_part(self, number: int, rung: Rung, weight: int) -> None:
+    async def _copy_part(self, number: int, copy: ZeroCopy, weight: int) -> None:
         """Part ``number``: a copy of a scratch object of zeros, made inside the server."""
         metrics.PARTS_IN_FLIGHT.inc()
         try:
             assert self._upload_id is not None  # created before any part is launched
-            etag = await copy_rung(self._client, self._request_at, self.location, self._upload_id, number, rung)
-            self._part_done(number, etag, rung.size)
+            etag = await copy_zeros(self._client, self._request_at, self.location, self._upload_id, number, copy)
+            self._part_done(number, etag, copy.size)
         finally:
             metrics.PARTS_IN_FLIGHT.dec()
             self._release(weight)

@@ -12,6 +12,8 @@ from ..errors import UsageError
 from .base import DEFAULT_READAHEAD, MiB
 from .retry import RetryPolicy
 
+#: S3's smallest part (all but the last part of an upload).
+MIN_PART = 5 * MiB
 DEFAULT_PART_SIZE = 8 * MiB
 DEFAULT_PARTS_IN_FLIGHT = 4
 #: One ranged GET of a sequential read: AWS advises 8-16 MB. Each request costs the client about a

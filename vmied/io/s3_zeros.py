@@ -1,33 +1,39 @@
-"""Zeros copied inside the server: long runs of zeros in a multipart output become UploadPartCopy parts.
+"""Zeros copied inside the server: runs of zeros in a multipart output become UploadPartCopy parts.
 
 An S3 object has no holes, so a raw output (or a fixed VHD) of a mostly empty disk is mostly zeros,
 and uploading them costs as much as uploading data: 6.5 of the 8 GiB of the benchmark disk. S3 can
-make a part by copying another object (UploadPartCopy), inside the server. The sink keeps a ladder
-of scratch objects of zeros beside the output, and covers each long run of zeros with whole-object
-copies of its rungs, largest first (the rest of a run is uploaded as before)::
+make a part by copying another object, or a range of it (UploadPartCopy), inside the server. The
+sink keeps a ladder of scratch objects of zeros beside the output::
 
-    rung 0   8 x part base  (64 MiB)    a multipart upload of 8 parts sent from the shared zero buffer
+    rung 0   8 x part base  (64 MiB)    a multipart upload of zeros in 5 MiB parts (see _upload_zeros)
     rung 1   8 x rung 0     (512 MiB)   8 UploadPartCopy of rung 0
     rung n   8 x rung n-1               ... while it stays within ``zero_copy_max``
 
-Whole objects, not ranges, so a server need not support ``x-amz-copy-source-range``. The first rung
-is uploaded in parts rather than PUT as one object: SeaweedFS copied objects made of uploaded parts
-(and objects made of copies of them) at 1.6-5 GB/s, and a single-PUT object (and copies of it) at
-0.3 GB/s, no faster than uploading the zeros.
+and covers a run of zeros with copies: the run's first bytes from the smallest rung already built
+that holds them (a range of it, or the whole), else the whole of the largest rung the run holds,
+built then; what is left of the run is covered the same way while it makes a part (at least its
+planned size), and a shorter rest is uploaded with the next part. A rung is built only for a run at
+least as long, and copied by range once it is there. The first rung is uploaded in parts rather
+than PUT as one object: SeaweedFS copied objects made of uploaded parts (and objects made of copies
+of them, whole or by range) at 1.6-5 GB/s, and a single-PUT object (and copies of it) at 0.3 GB/s,
+no faster than uploading the zeros.
 
-Rungs are built when a run first needs them; the first one is copied once into a throwaway upload
-to learn whether the server copies at all. Their keys are ``<output key>.vmied-zeros-<size>``, so
-whoever knows the output can find them: the sink deletes them when it commits, aborts or detaches,
-and :func:`remove_scratch` clears what a crash left (the objects, and rung uploads in progress).
-Every copy names its rung's ETag (``x-amz-copy-source-if-match``): a scratch object replaced meanwhile
-fails the part instead of copying someone else's bytes. Where the server refuses to build the ladder
-(no UploadPartCopy, no right to read beside the output), the ladder switches itself off and zeros
-are uploaded; a scratch object that cannot be deleted is logged with its key.
+When the first rung is built, a range of it is copied once into a throwaway upload, and ListParts must
+show the part the size of the range: a server that cannot copy parts, that ignores
+``x-amz-copy-source-range``, or a writer that may not read beside the output, says so there, before any
+part of the output depends on it. Rung keys are ``<output key>.vmied-zeros-<size>``, so whoever knows
+the output can find them: the sink deletes them when it commits, aborts or detaches, and
+:func:`remove_scratch` clears what a crash left (the objects, and rung uploads in progress). Every copy
+names its rung's ETag (``x-amz-copy-source-if-match``): a scratch object replaced meanwhile fails the
+part instead of copying someone else's bytes. Where the server refuses the check, the ladder switches
+itself off and zeros are uploaded; a scratch object that cannot be deleted is logged with its key.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from bisect import bisect_right
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -35,12 +41,15 @@ from typing import Any
 
 from ..errors import StorageError
 from ..pipeline import gather_all
-from .s3_config import S3Location
+from .s3_config import MIN_PART, S3Location
 
 log = logging.getLogger("vmied.s3")
 
 #: Each rung holds this many of the rung below (the first: this many zero parts of the part base).
 RUNG_FACTOR = 8
+#: Bytes of the first rung copied into the throwaway upload: a range, and not a whole number of MiB,
+#: so a server that ignores the range (and copies the whole rung) shows it in the part's size.
+CHECK_RANGE = 1_000_003
 SCRATCH_SUFFIX = ".vmied-zeros-"
 
 #: ``request(location, action, what, call)``: one S3 request, retried and its failures sorted.
@@ -52,10 +61,10 @@ def scratch_prefix(location: S3Location) -> S3Location:
     return S3Location(location.bucket, location.key + SCRATCH_SUFFIX)
 
 
-def rung_sizes(seed: int, largest: int) -> list[int]:
-    """Sizes of the ladder's rungs, smallest first: seed x 8, x 64, ... up to ``largest``."""
+def rung_sizes(part_base: int, largest: int) -> list[int]:
+    """Sizes of the ladder's rungs, smallest first: part base x 8, x 64, ... up to ``largest``."""
     sizes = []
-    size = seed * RUNG_FACTOR
+    size = part_base * RUNG_FACTOR
     while size <= largest:
         sizes.append(size)
         size *= RUNG_FACTOR
@@ -70,50 +79,75 @@ class Rung:
     size: int
     etag: str
 
-    def copy_source(self) -> dict[str, str]:
-        return {"Bucket": self.location.bucket, "Key": self.location.key}
+
+@dataclass(frozen=True, slots=True)
+class ZeroCopy:
+    """A part of ``size`` zeros copied from the first ``size`` bytes of ``rung`` (the whole of it, or a range)."""
+
+    rung: Rung
+    size: int
+
+    @classmethod
+    def whole(cls, rung: Rung) -> ZeroCopy:
+        return cls(rung, rung.size)
+
+    def arguments(self) -> dict[str, Any]:
+        """The UploadPartCopy arguments naming the source: the rung, its ETag, and the range if not whole."""
+        source = {"Bucket": self.rung.location.bucket, "Key": self.rung.location.key}
+        arguments: dict[str, Any] = {"CopySource": source, "CopySourceIfMatch": self.rung.etag}
+        if self.size != self.rung.size:
+            arguments["CopySourceRange"] = f"bytes=0-{self.size - 1}"
+        return arguments
 
 
 class ZeroLadder:
     """The scratch objects of zeros of one output, built on demand (see the module's notes)."""
 
-    def __init__(self, client: Any, output: S3Location, request: Request, seed: tuple[bytes, str],
-                 largest: int) -> None:
+    def __init__(self, client: Any, output: S3Location, request: Request, content_md5: Callable[[bytes], str],
+                 sizes: list[int]) -> None:
         self._client = client
         self._prefix = scratch_prefix(output)
         self._request = request
-        self._seed, self._seed_md5 = seed  # zeros of the part base, and their Content-MD5
-        self._sizes = rung_sizes(len(self._seed), largest)
+        self._content_md5 = content_md5
+        self._sizes = sizes  # of the rungs, smallest first (:func:`rung_sizes`)
         self._rungs: list[Rung] = []
         self._written: list[S3Location] = []  # scratch objects that may exist: removed at the end
         self.enabled = bool(self._sizes)
 
-    async def rung_for(self, length: int, at_least: int) -> Rung | None:
-        """The largest rung no longer than ``length`` and no shorter than ``at_least``, built if it must be;
-        None if there is none or the server refused to build the ladder."""
-        fitting = [index for index, size in enumerate(self._sizes) if at_least <= size <= length]
-        if not self.enabled or not fitting:
+    async def copy_for(self, length: int, at_least: int) -> ZeroCopy | None:
+        """The next copy for a run of ``length`` zeros whose part is planned ``at_least`` long: the run's
+        first bytes from the smallest rung already built that holds them, else the whole of the largest
+        rung the run holds (built now); None if the run is too short, the ladder is off (refused), or
+        the run is too short to start it."""
+        size = min(length, self._sizes[-1]) if self._sizes else 0
+        if not self.enabled or size < at_least:
             return None
-        index = fitting[-1]
+        if holding := [rung for rung in self._rungs if rung.size >= size]:
+            return ZeroCopy(holding[0], size)
+        index = bisect_right(self._sizes, length) - 1  # the largest rung within the run
+        if index < 0 or self._sizes[index] < at_least:
+            return None
         try:
             while len(self._rungs) <= index:
                 self._rungs.append(await self._build(len(self._rungs)))
         except StorageError as exc:
             self.enabled = False
-            log.warning("zeros of %s are uploaded, not copied: the server refused to build the scratch "
-                        "object of zeros beside it (%s)", self._prefix, exc.message)
+            log.warning("zeros of %s are uploaded, not copied: the server refused to build or copy the "
+                        "scratch object of zeros beside it (%s)", self._prefix, exc.message)
             await self.remove()
             return None
-        return self._rungs[index]
+        return ZeroCopy.whole(self._rungs[index])
 
     async def _build(self, index: int) -> Rung:
         """Rung ``index``: a multipart upload of 8 zero parts (the first), or of 8 copies of the rung below."""
         location = S3Location(self._prefix.bucket, f"{self._prefix.key}{self._sizes[index]}")
         upload_id = await self._create(location)
         try:
-            make_part = self._zero_part if index == 0 else self._copy_part(self._rungs[index - 1])
-            etags = await gather_all(*(make_part(location, upload_id, number)
-                                       for number in range(1, RUNG_FACTOR + 1)))
+            if index == 0:
+                etags = await self._upload_zeros(location, upload_id, self._sizes[0])
+            else:
+                copy = self._copy_part(ZeroCopy.whole(self._rungs[index - 1]))
+                etags = await gather_all(*(copy(location, upload_id, number) for number in range(1, RUNG_FACTOR + 1)))
             parts = [{"PartNumber": number, "ETag": etag} for number, etag in enumerate(etags, 1)]
             self._written.append(location)
             await self._request(location, "s3:PutObject (CompleteMultipartUpload)", "CompleteMultipartUpload",
@@ -134,12 +168,21 @@ class ZeroLadder:
         return rung
 
     async def _check_copies(self, rung: Rung) -> None:
-        """Copy the first rung once into a throwaway upload: a server that cannot copy parts, or a writer
-        that may not read beside the output, says so here, before any part of the output depends on it."""
+        """Copy a range of the first rung once into a throwaway upload: a server that cannot copy parts
+        or ignores the range, or a writer that may not read beside the output, says so here, before any
+        part of the output depends on it."""
         location = S3Location(self._prefix.bucket, self._prefix.key + "check")
         upload_id = await self._create(location)
         try:
-            await self._copy_part(rung)(location, upload_id, 1)
+            await self._copy_part(ZeroCopy(rung, CHECK_RANGE))(location, upload_id, 1)
+            listed = await self._request(location, "s3:ListMultipartUploadParts", "ListParts",
+                                         lambda: self._client.list_parts(Bucket=location.bucket, Key=location.key,
+                                                                         UploadId=upload_id))
+            sizes = [int(part["Size"]) for part in listed.get("Parts", [])]
+            if sizes != [CHECK_RANGE]:
+                raise StorageError(f"{location}: a copy of the first {CHECK_RANGE} bytes of {rung.location} "
+                                   f"made a part of {sizes} bytes (the server ignores x-amz-copy-source-range)",
+                                   reason="s3.copy_range")
         finally:
             await self._abort(location, upload_id)
 
@@ -149,15 +192,25 @@ class ZeroLadder:
                                           Bucket=location.bucket, Key=location.key))
         return str(created["UploadId"])
 
-    async def _zero_part(self, location: S3Location, upload_id: str, number: int) -> str:
-        response = await self._request(location, "s3:PutObject (UploadPart)", f"UploadPart {number} of",
-                                       lambda: self._client.upload_part(
-                                           Bucket=location.bucket, Key=location.key, UploadId=upload_id,
-                                           PartNumber=number, Body=self._seed, ContentMD5=self._seed_md5))
-        return str(response["ETag"])
+    async def _upload_zeros(self, location: S3Location, upload_id: str, size: int) -> list[str]:
+        """``size`` zeros uploaded as parts of S3's smallest size, the last one shorter: their ETags.
+        Small parts, because SeaweedFS copies an object chunk by chunk, in parallel: its 512 MiB rungs
+        copied at 2.5 GB/s from 5 MiB parts, 1.9 from 8 MiB and 1.4 from 16 MiB (one 64 MiB part: 0.3)."""
+        sizes = [MIN_PART] * (size // MIN_PART) + ([size % MIN_PART] if size % MIN_PART else [])
+        bodies = {piece: bytes(piece) for piece in set(sizes)}
+        md5s = {piece: await asyncio.to_thread(self._content_md5, body) for piece, body in bodies.items()}
 
-    def _copy_part(self, rung: Rung) -> Callable[[S3Location, str, int], Awaitable[str]]:
-        return partial(copy_rung, self._client, self._request, rung=rung)
+        async def upload(number: int, piece: int) -> str:
+            response = await self._request(location, "s3:PutObject (UploadPart)", f"UploadPart {number} of",
+                                           lambda: self._client.upload_part(
+                                               Bucket=location.bucket, Key=location.key, UploadId=upload_id,
+                                               PartNumber=number, Body=bodies[piece], ContentMD5=md5s[piece]))
+            return str(response["ETag"])
+
+        return await gather_all(*(upload(number, piece) for number, piece in enumerate(sizes, 1)))
+
+    def _copy_part(self, copy: ZeroCopy) -> Callable[[S3Location, str, int], Awaitable[str]]:
+        return partial(copy_zeros, self._client, self._request, copy=copy)
 
     async def _abort(self, location: S3Location, upload_id: str) -> None:
         try:
@@ -180,13 +233,13 @@ class ZeroLadder:
                 log.warning("could not delete the scratch object %s: %s", location, exc.message)
 
 
-async def copy_rung(client: Any, request: Request, location: S3Location, upload_id: str, number: int,
-                    rung: Rung) -> str:
-    """Part ``number`` of the upload of ``location``: a copy of ``rung``, made inside the server; its ETag."""
+async def copy_zeros(client: Any, request: Request, location: S3Location, upload_id: str, number: int,
+                     copy: ZeroCopy) -> str:
+    """Part ``number`` of the upload of ``location``: ``copy``, made inside the server; its ETag."""
     response = await request(location, "s3:GetObject (UploadPartCopy)", f"UploadPartCopy {number} of",
                              lambda: client.upload_part_copy(
                                  Bucket=location.bucket, Key=location.key, UploadId=upload_id, PartNumber=number,
-                                 CopySource=rung.copy_source(), CopySourceIfMatch=rung.etag))
+                                 **copy.arguments()))
     return str(response["CopyPartResult"]["ETag"])
 
 
