@@ -168,7 +168,7 @@ def add_storage_arguments(parser: argparse.ArgumentParser, destination: bool) ->
     group.add_argument("--parts-in-flight", type=int, default=DEFAULT_PARTS_IN_FLIGHT, metavar="N",
                        help="parts uploaded at once (memory: part size x (N + 1))")
     group.add_argument("--zero-copy-max", type=int, default=DEFAULT_ZERO_COPY_MAX // MiB, metavar="MIB",
-                       help="largest scratch object of zeros in the destination bucket that long runs of "
+                       help="largest scratch object of zeros in the destination bucket that runs of "
                             "zeros are copied from inside the server (0: upload every zero)")
     if destination:
         group.add_argument("--dest-profile", help="AWS profile for the destination (overrides --profile)")

@@ -232,7 +232,7 @@ class LimitsConfig:
     part_size: int = field(default=DEFAULT_PART_SIZE,
                            metadata=meta(at_least(5 * MiB, "5MiB (the S3 minimum)"), "size"))
     parts_in_flight: int = field(default=DEFAULT_PARTS_IN_FLIGHT, metadata=meta(at_least(1)))
-    #: The largest scratch object of zeros that exports copy long runs of zeros from, inside the
+    #: The largest scratch object of zeros that exports copy runs of zeros from, inside the
     #: server, instead of uploading them; 0: upload every zero.
     zero_copy_max: int = field(default=DEFAULT_ZERO_COPY_MAX, metadata=meta(at_least(0), "size"))
 
@@ -307,7 +307,7 @@ class Config:
                         endpoint_url=self.store.endpoint_url or None, path_style=self.store.path_style,
                         ca_bundle=self.store.ca_bundle or None, part_size=self.limits.part_size,
                         parts_in_flight=self.limits.parts_in_flight,
-                        zero_copy_max=0)  # the store writes grains: no long runs of zeros to copy
+                        zero_copy_max=0)  # the store writes grains: no runs of zeros to copy
 
     def credential(self, access_key_id: str) -> Credential | None:
         return next((c for c in self.credentials if c.access_key_id == access_key_id), None)

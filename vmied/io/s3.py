@@ -294,7 +294,7 @@ class S3Sink(Sink):
         self.copied_parts = 0  # parts of zeros copied inside the server (see :mod:`.s3_zeros`)
         self._zero: tuple[bytes, str] = (b"", "")  # the shared zero part and its Content-MD5
         self._zero_copy_max = min(config.zero_copy_max, MAX_PART)
-        self._ladder: ZeroLadder | None = None  # made on the first long run of zeros
+        self._ladder: ZeroLadder | None = None  # made on the first run of zeros a part long
 
     @classmethod
     async def create(cls, location: S3Location, config: S3Config, expected_size: int | None = None) -> S3Sink:

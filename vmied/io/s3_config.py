@@ -20,7 +20,7 @@ DEFAULT_PARTS_IN_FLIGHT = 4
 #: millisecond of CPU (signing, parsing), and the server its own: 4 MiB windows read a raw object
 #: from a SeaweedFS on the same 2 cores at about 350 MB/s, 8 MiB ones at about 500 MB/s.
 DEFAULT_REMOTE_WINDOW = 8 * MiB
-#: The largest scratch object of zeros long runs of zeros are copied from (:mod:`.s3_zeros`).
+#: The largest scratch object of zeros runs of zeros are copied from (:mod:`.s3_zeros`).
 DEFAULT_ZERO_COPY_MAX = 512 * MiB
 
 
