@@ -45,7 +45,7 @@ from .s3_config import MIN_PART, S3Location
 
 log = logging.getLogger("vmied.s3")
 
-#: Each rung holds this many of the rung below (the first: this many zero parts of the part base).
+#: Each rung holds this many of the rung below (the first: this many times the part base).
 RUNG_FACTOR = 8
 #: Bytes of the first rung copied into the throwaway upload: a range, and not a whole number of MiB,
 #: so a server that ignores the range (and copies the whole rung) shows it in the part's size.
