@@ -9,6 +9,7 @@ import json
 import random
 import subprocess
 import sys
+from contextlib import AsyncExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,11 +45,15 @@ from vmied.io.s3 import (
     MIN_PART,
     S3Sink,
     base_part_size,
+    content_md5,
     multipart_etag,
     part_size,
     plan_capacity,
+    s3_call,
+    s3_client,
 )
 from vmied.io.s3_config import S3Config, S3Location
+from vmied.io.s3_zeros import ZeroLadder, rung_sizes
 from vmied.pipeline import Progress, Workers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -328,6 +333,29 @@ async def test_a_resumed_upload_keeps_its_parts_and_copies_its_zeros_again(moto:
     expected = head + bytes(zeros) + tail
     assert moto.client().get_object(Bucket=BUCKET, Key="resumed.raw")["Body"].read() == expected
     assert moto.objects() == ["resumed.raw"] and moto.uploads() == []
+
+
+async def test_the_ladder_copies_no_part_shorter_than_planned_and_starts_only_for_a_long_run(
+        moto: S3Server) -> None:
+    """Rungs of 40 and 320 MiB: no copy for a part planned longer than the run or than every rung that
+    fits in it, none before a run as long as the first rung; then ranges of it for shorter runs."""
+    async with AsyncExitStack() as stack:
+        client = await s3_client(moto.config(), stack)
+        ladder = ZeroLadder(client, S3Location(BUCKET, "out.raw"),
+                            lambda location, action, what, call: s3_call(location, action, call),
+                            content_md5, rung_sizes(MIN_PART, 64 * MIN_PART))
+        assert await ladder.copy_for(30 * MiB, 40 * MiB) is None  # the run is shorter than its part
+        assert await ladder.copy_for(100 * MiB, 50 * MiB) is None  # the 40 MiB rung is shorter than it
+        assert await ladder.copy_for(30 * MiB, MIN_PART) is None  # too short to build the first rung
+        assert moto.objects() == []
+        whole = await ladder.copy_for(45 * MiB, MIN_PART)
+        assert whole is not None and whole.size == whole.rung.size == 40 * MiB
+        part = await ladder.copy_for(6 * MiB, MIN_PART)  # now the first rung is there: a range of it
+        assert part is not None and (part.rung, part.size) == (whole.rung, 6 * MiB)
+        assert part.arguments()["CopySourceRange"] == f"bytes=0-{6 * MiB - 1}"
+        assert moto.objects() == ["out.raw.vmied-zeros-41943040"] and moto.uploads() == []
+        await ladder.remove()
+    assert moto.objects() == []
 
 
 @pytest.mark.parametrize("copies", ["refused", "whole"])
