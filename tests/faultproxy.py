@@ -6,7 +6,8 @@ connection reset in the middle of the body, a body cut short with a clean close,
 than the client's read timeout, or an uploaded body with one byte flipped. Faults fire exactly
 once each, in a deterministic order, and every one that fired is recorded in
 :attr:`FaultProxy.fired`. A proxy may also stand for a server that copies nothing: every request
-naming a copy source (CopyObject, UploadPartCopy) is answered 501 NotImplemented; or for one that
+naming a copy source (CopyObject, UploadPartCopy) is answered 501 NotImplemented; or only those
+that build a scratch object of zeros from another (vmied's larger rungs); or for a server that
 ignores ``x-amz-copy-source-range``: the header is dropped, and the whole source is copied.
 """
 
@@ -48,7 +49,7 @@ class FaultProxy:
         self.upstream = upstream.rstrip("/")
         self.plan = list(plan)
         self.stall = stall
-        self.copies = copies  # "served", "refused" (501), or "whole" (the range header dropped)
+        self.copies = copies  # "served", "refused" (501), "rungs-refused" (501), or "whole" (no range)
         self.copies_altered = 0  # copy requests refused or stripped of their range
         self.fired: list[str] = []
         self.counts: dict[str, int] = {}
@@ -70,7 +71,9 @@ class FaultProxy:
         body = await request.read()
         kind = self._take(request.method)
         dropped = set()
-        if self.copies == "refused" and "x-amz-copy-source" in request.headers:
+        into_rung = ".vmied-zeros-" in request.path and not request.path.endswith("-check")
+        if "x-amz-copy-source" in request.headers and (
+                self.copies == "refused" or (self.copies == "rungs-refused" and into_rung)):
             self.copies_altered += 1
             kind = "nocopy"
         elif self.copies == "whole" and "x-amz-copy-source-range" in request.headers:

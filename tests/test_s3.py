@@ -53,7 +53,7 @@ from vmied.io.s3 import (
     s3_client,
 )
 from vmied.io.s3_config import S3Config, S3Location
-from vmied.io.s3_zeros import ZeroLadder, rung_sizes
+from vmied.io.s3_zeros import RUNG_FACTOR, ZeroLadder, rung_sizes
 from vmied.pipeline import Progress, Workers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -369,6 +369,22 @@ async def test_a_server_that_cannot_copy_ranges_gets_the_zeros_uploaded(moto: S3
         expected = await write_with_zero_run(sink, 2 * MiB + 2 * 40 * MiB + 6 * MiB)
     assert proxy.copies_altered == 1
     assert (sink.copied_parts, sink.zero_parts) == (0, 17)
+    assert s3_sha256(moto, "sparse.raw") == expected
+    assert moto.objects() == ["sparse.raw"] and moto.uploads() == []
+
+
+async def test_a_refused_larger_rung_leaves_the_copies_to_the_rungs_built(moto: S3Server) -> None:
+    """The 320 MiB rung cannot be made (its copies refused): the ladder stops growing but keeps the
+    40 MiB rung, whose copies may already be in flight, and covers the run with it."""
+    with fault_proxy(moto.endpoint, [], copies="rungs-refused") as proxy:
+        config = moto.config(proxy.endpoint, part_size=MIN_PART, zero_copy_max=64 * MIN_PART)
+        sink = await create_sink(url("sparse.raw"), config)
+        assert isinstance(sink, S3Sink)
+        sizes: dict[int, int] = {}
+        sink.on_part = lambda number, etag, size: sizes.__setitem__(number, size)
+        expected = await write_with_zero_run(sink, (2 + 320 + 100) * MiB)
+    assert proxy.copies_altered == RUNG_FACTOR  # the copies into the larger rung, sent at once, none retried
+    assert [sizes[number] / MiB for number in sorted(sizes)] == [5, *[40] * 10, 20, 2]
     assert s3_sha256(moto, "sparse.raw") == expected
     assert moto.objects() == ["sparse.raw"] and moto.uploads() == []
 

@@ -109,7 +109,7 @@ class ZeroLadder:
         self._prefix = scratch_prefix(output)
         self._request = request
         self._content_md5 = content_md5
-        self._sizes = sizes  # of the rungs, smallest first (:func:`rung_sizes`)
+        self._sizes = list(sizes)  # of the rungs, smallest first (:func:`rung_sizes`); cut if one is refused
         self._rungs: list[Rung] = []
         self._written: list[S3Location] = []  # scratch objects that may exist: removed at the end
         self.enabled = bool(self._sizes)
@@ -125,18 +125,30 @@ class ZeroLadder:
         if holding := [rung for rung in self._rungs if rung.size >= size]:
             return ZeroCopy(holding[0], size)
         index = bisect_right(self._sizes, length) - 1  # the largest rung within the run
-        if index < 0 or self._sizes[index] < at_least:
+        if index < 0 or self._sizes[index] < at_least or not await self._grow(index):
             return None
+        index = min(index, len(self._rungs) - 1)  # a larger rung may have been refused
+        return ZeroCopy.whole(self._rungs[index]) if self._sizes[index] >= at_least else None
+
+    async def _grow(self, index: int) -> bool:
+        """Build the rungs up to ``index``; False if the ladder is off. A refused first rung turns it off
+        and removes what it made (nothing was copied from it yet); a refused larger one only stops its
+        growth, as copies of the rungs built may be in flight."""
         try:
             while len(self._rungs) <= index:
                 self._rungs.append(await self._build(len(self._rungs)))
         except StorageError as exc:
+            if self._rungs:
+                del self._sizes[len(self._rungs):]
+                log.warning("zeros of %s are copied from scratch objects of zeros of at most %d bytes: the "
+                            "server refused to build a larger one (%s)", self._prefix, self._sizes[-1], exc.message)
+                return True
             self.enabled = False
             log.warning("zeros of %s are uploaded, not copied: the server refused to build or copy the "
                         "scratch object of zeros beside it (%s)", self._prefix, exc.message)
             await self.remove()
-            return None
-        return ZeroCopy.whole(self._rungs[index])
+            return False
+        return True
 
     async def _build(self, index: int) -> Rung:
         """Rung ``index``: a multipart upload of 8 zero parts (the first), or of 8 copies of the rung below."""
