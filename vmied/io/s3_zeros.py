@@ -109,10 +109,11 @@ class ZeroLadder:
         self._prefix = scratch_prefix(output)
         self._request = request
         self._content_md5 = content_md5
-        self._sizes = list(sizes)  # of the rungs, smallest first (:func:`rung_sizes`); cut if one is refused
+        #: sizes of the rungs, smallest first (:func:`rung_sizes`): cut at a refused rung, so none
+        #: when the ladder is off
+        self._sizes = list(sizes)
         self._rungs: list[Rung] = []
         self._written: list[S3Location] = []  # scratch objects that may exist: removed at the end
-        self.enabled = bool(self._sizes)
 
     async def copy_for(self, length: int, at_least: int) -> ZeroCopy | None:
         """The next copy for a run of ``length`` zeros whose part is planned ``at_least`` long: the run's
@@ -120,15 +121,15 @@ class ZeroLadder:
         rung the run holds (built now); None if the run is too short, the ladder is off (refused), or
         the run is too short to start it."""
         size = min(length, self._sizes[-1]) if self._sizes else 0
-        if not self.enabled or size < at_least:
+        if size < at_least:
             return None
         if holding := [rung for rung in self._rungs if rung.size >= size]:
             return ZeroCopy(holding[0], size)
         index = bisect_right(self._sizes, length) - 1  # the largest rung within the run
         if index < 0 or self._sizes[index] < at_least or not await self._grow(index):
             return None
-        index = min(index, len(self._rungs) - 1)  # a larger rung may have been refused
-        return ZeroCopy.whole(self._rungs[index]) if self._sizes[index] >= at_least else None
+        rung = self._rungs[min(index, len(self._rungs) - 1)]  # a larger rung may have been refused
+        return ZeroCopy.whole(rung) if rung.size >= at_least else None
 
     async def _grow(self, index: int) -> bool:
         """Build the rungs up to ``index``; False if the ladder is off. A refused first rung turns it off
@@ -138,12 +139,11 @@ class ZeroLadder:
             while len(self._rungs) <= index:
                 self._rungs.append(await self._build(len(self._rungs)))
         except StorageError as exc:
+            del self._sizes[len(self._rungs):]
             if self._rungs:
-                del self._sizes[len(self._rungs):]
                 log.warning("zeros of %s are copied from scratch objects of zeros of at most %d bytes: the "
                             "server refused to build a larger one (%s)", self._prefix, self._sizes[-1], exc.message)
                 return True
-            self.enabled = False
             log.warning("zeros of %s are uploaded, not copied: the server refused to build or copy the "
                         "scratch object of zeros beside it (%s)", self._prefix, exc.message)
             await self.remove()
@@ -151,7 +151,7 @@ class ZeroLadder:
         return True
 
     async def _build(self, index: int) -> Rung:
-        """Rung ``index``: a multipart upload of 8 zero parts (the first), or of 8 copies of the rung below."""
+        """Rung ``index``: a multipart upload of zeros (the first), or of 8 copies of the rung below."""
         location = S3Location(self._prefix.bucket, f"{self._prefix.key}{self._sizes[index]}")
         upload_id = await self._create(location)
         try:
