@@ -300,6 +300,23 @@ async def test_zero_runs_are_copied_inside_the_server(request: pytest.FixtureReq
     assert server.objects() == ["sparse.raw"] and server.uploads() == []
 
 
+async def test_a_rerun_removes_the_scratch_objects_a_killed_run_left(moto: S3Server) -> None:
+    """A conversion killed outright (SIGKILL, power loss) cannot delete its scratch objects of zeros; the
+    next conversion of the same output that copies zeros removes them and their uploads, and nothing
+    else beside the output."""
+    client = moto.client()
+    for key in ("again.raw.vmied-zeros-335544320", "again.raw.other", "again.raw2.vmied-zeros-41943040"):
+        client.put_object(Bucket=BUCKET, Key=key, Body=b"x")
+    client.create_multipart_upload(Bucket=BUCKET, Key="again.raw.vmied-zeros-check")
+    sink = await create_sink(url("again.raw"), moto.config(part_size=MIN_PART, zero_copy_max=8 * MIN_PART))
+    assert isinstance(sink, S3Sink)
+    expected = await write_with_zero_run(sink, (2 + 40 + 6) * MiB)
+    assert sink.copied_parts == 2
+    assert s3_sha256(moto, "again.raw") == expected
+    assert sorted(moto.objects()) == ["again.raw", "again.raw.other", "again.raw2.vmied-zeros-41943040"]
+    assert moto.uploads() == []
+
+
 async def test_a_resumed_upload_keeps_its_parts_and_copies_its_zeros_again(moto: S3Server) -> None:
     """Copied parts are numbered like any other, so a resumed upload keeps the parts it sent before and
     makes the copies again (scratch objects do not outlive a detached sink)."""

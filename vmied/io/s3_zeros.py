@@ -23,7 +23,9 @@ show the part the size of the range: a server that cannot copy parts, that ignor
 ``x-amz-copy-source-range``, or a writer that may not read beside the output, says so there, before any
 part of the output depends on it. Rung keys are ``<output key>.vmied-zeros-<size>``, so whoever knows
 the output can find them: the sink deletes them when it commits, aborts or detaches, and
-:func:`remove_scratch` clears what a crash left (the objects, and rung uploads in progress). Every copy
+:func:`remove_scratch` clears what a crash left (the objects, and rung uploads in progress): an export
+task's cleanup calls it, and so does a ladder that made scratch objects when it removes its own, so
+that running a killed ``vmied convert`` again clears what the killed run left. Every copy
 names its rung's ETag (``x-amz-copy-source-if-match``): a scratch object replaced meanwhile fails the
 part instead of copying someone else's bytes. Where the server refuses the check, the ladder switches
 itself off and zeros are uploaded; a scratch object that cannot be deleted is logged with its key.
@@ -106,6 +108,7 @@ class ZeroLadder:
     def __init__(self, client: Any, output: S3Location, request: Request, content_md5: Callable[[bytes], str],
                  sizes: list[int]) -> None:
         self._client = client
+        self._output = output
         self._prefix = scratch_prefix(output)
         self._request = request
         self._content_md5 = content_md5
@@ -233,8 +236,10 @@ class ZeroLadder:
             log.warning("could not abort the upload of the scratch object %s: %s", location, exc.message)
 
     async def remove(self) -> None:
-        """Delete every scratch object this ladder made; a failure is logged, not raised (the output is
-        what counts, and :func:`remove_scratch` finds what is left)."""
+        """Delete every scratch object this ladder made, then (if it made any) what an earlier conversion
+        of the same output left when it was killed outright, so that running the command again cleans
+        up after it. A failure is logged, not raised: the output is what counts, and
+        :func:`remove_scratch` finds what is left."""
         self._rungs.clear()
         written, self._written = self._written, []
         for location in written:
@@ -243,6 +248,12 @@ class ZeroLadder:
                                     partial(self._client.delete_object, Bucket=location.bucket, Key=location.key))
             except StorageError as exc:
                 log.warning("could not delete the scratch object %s: %s", location, exc.message)
+        if written:
+            try:
+                await remove_scratch(self._client, self._output, self._request)
+            except StorageError as exc:
+                log.warning("could not look for scratch objects of zeros left beside %s by an interrupted "
+                            "conversion: %s", self._output, exc.message)
 
 
 async def copy_zeros(client: Any, request: Request, location: S3Location, upload_id: str, number: int,
