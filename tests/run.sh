@@ -43,4 +43,4 @@ $PY -m pytest -q -p no:cacheprovider "$@"
 
 echo "== the kernels' pure-Python twins (VMIED_NO_EXTENSIONS=1) on the format and kernel tests"
 VMIED_NO_EXTENSIONS=1 $PY -m pytest -q -p no:cacheprovider tests/test_fastio.py tests/test_extents.py \
-  tests/test_vmdk.py -k "not multi_extent"
+  tests/test_vmdk.py tests/test_damaged.py -k "not multi_extent"
