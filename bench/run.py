@@ -7,8 +7,8 @@ Debian files); it is built (and cached) when --disk is not given. Inputs in othe
 from it with qemu-img first (untimed). Every timed command writes a local file without an fsync
 (qemu-img does not sync; vmied is run with --no-sync), with the page cache warm and the previous
 run's dirty pages written back first (``sync``, untimed), so no run pays for another's writeback.
-Each tool runs ``--repeat`` times and the fastest run counts; a run over SLOW_RUN seconds is not
-repeated (the zlib encodes of qemu-img take a minute and vary little).
+Each tool runs ``--repeat`` times, the two taking turns, and the fastest run counts; a run over
+SLOW_RUN seconds is not repeated (the zlib encodes of qemu-img take a minute and vary little).
 """
 
 from __future__ import annotations
@@ -102,11 +102,19 @@ def measure(command: list[str], output: Path | None, env: dict[str, str] | None 
     return Run(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, output.stat().st_size if output else 0)
 
 
-def best(command: list[str], output: Path, repeat: int) -> Run:
-    runs = [measure(command, output)]
-    while len(runs) < repeat and runs[0].wall < SLOW_RUN:
-        runs.append(measure(command, output))
-    return min(runs, key=lambda run: run.wall)
+def best_of_turns(commands: list[list[str]], output: Path, repeat: int) -> list[Run]:
+    """Each command's fastest of ``repeat`` runs, the commands taking turns: this VM's speed drifts
+    over minutes, and one tool's runs in a block would meet another machine than the other's."""
+    runs: list[list[Run]] = [[] for _ in commands]
+
+    def wanted(done: list[Run]) -> bool:
+        return not done or (len(done) < repeat and done[0].wall < SLOW_RUN)
+
+    while any(wanted(done) for done in runs):
+        for command, done in zip(commands, runs, strict=True):
+            if wanted(done):
+                done.append(measure(command, output))
+    return [min(done, key=lambda run: run.wall) for done in runs]
 
 
 def warm(path: Path) -> None:
@@ -173,8 +181,8 @@ def main() -> int:
         warm(source)
         out = args.work / f"out.{case.output_ext}"
         with tempfile.TemporaryDirectory(dir=args.work) as tmp:
-            qemu = best(baseline_command(case, source, out, Path(tmp)), out, args.repeat)
-        ours = best([*VMIED, str(source), str(out), *case.vmied], out, args.repeat)
+            qemu, ours = best_of_turns([baseline_command(case, source, out, Path(tmp)),
+                                        [*VMIED, str(source), str(out), *case.vmied]], out, args.repeat)
         out.unlink()
         print(f"| {case.name} | {qemu.wall:.2f} | {ours.wall:.2f} | {qemu.wall / ours.wall:.1f}x "
               f"| {qemu.cpu:.1f} | {ours.cpu:.1f} | {qemu.output_bytes / 1e6:.0f} | {ours.output_bytes / 1e6:.0f} "
