@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import configparser
+import os
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from vmied import systemd
 from vmied.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,3 +72,41 @@ def test_example_configuration_loads_with_the_defaults(tmp_path: Path) -> None:
 def test_socket_unit_matches_the_default_listen_address() -> None:
     socket_unit = unit("vmied.socket")["Socket"]
     assert socket_unit["ListenStream"] in load_config(str(UNITS / "vmied.toml")).server.listen
+
+
+async def test_a_long_start_asks_systemd_for_more_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a start runs, EXTEND_TIMEOUT_USEC comes every interval with the status; a quick start sends
+    nothing, and a start that fails fails as it would without the extension."""
+    with tempfile.TemporaryDirectory(dir="/tmp") as short, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
+        address = os.path.join(short, "notify")
+        receiver.bind(address)
+        receiver.setblocking(False)
+        monkeypatch.setenv("NOTIFY_SOCKET", address)
+
+        async def start(seconds: float) -> str:
+            await asyncio.sleep(seconds)
+            return "started"
+
+        def received() -> list[str]:
+            messages = []
+            while True:
+                try:
+                    messages.append(receiver.recv(4096).decode())
+                except BlockingIOError:
+                    return messages
+
+        assert await systemd.extending_start(start(0.35), "starting: test", every=0.1, extension=30) == "started"
+        messages = received()
+        assert 2 <= len(messages) <= 4
+        assert all(message == "EXTEND_TIMEOUT_USEC=30000000\nSTATUS=starting: test" for message in messages)
+        assert await systemd.extending_start(start(0), "starting: test", every=0.1) == "started"
+        assert received() == []
+
+        async def refused() -> None:
+            await asyncio.sleep(0.15)
+            raise ValueError("the store cannot be opened")
+
+        with pytest.raises(ValueError, match="cannot be opened"):
+            await systemd.extending_start(refused(), "starting: test", every=0.1)
+        assert len(received()) == 1

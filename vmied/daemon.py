@@ -163,7 +163,8 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         systemd.notify("STATUS=starting")
         self.config = await asyncio.to_thread(self.prepare_state, self.config)
-        self.service = await Service.start(self.config)
+        self.service = await systemd.extending_start(
+            Service.start(self.config), "starting: cleaning up after the last run (store, interrupted tasks)")
         try:
             await self.listen()
             self.ready = not self.stopping.is_set()  # a SIGTERM during the start: straight to the stop

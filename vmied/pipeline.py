@@ -85,6 +85,20 @@ async def cancel_and_wait(*futures: asyncio.Future[Any]) -> None:
     await asyncio.gather(*futures, return_exceptions=True)
 
 
+async def await_ticking(work: Awaitable[T], every: float, tick: Callable[[], object]) -> T:
+    """Await ``work``, calling ``tick`` every ``every`` seconds while it runs; an exception from ``tick``
+    stops the work (cancelled and awaited) and is raised."""
+    running = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({running}, timeout=every)
+            if done:
+                return running.result()
+            tick()
+    finally:
+        await cancel_and_wait(running)
+
+
 async def prefetch(items: AsyncIterable[T], depth: int = DEFAULT_DEPTH) -> AsyncGenerator[T, None]:
     """Run the producer ``items`` in its own task, up to ``depth`` items ahead of the consumer.
 

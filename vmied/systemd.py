@@ -3,7 +3,8 @@
 sd_notify: one datagram of ``KEY=VALUE`` lines to the AF_UNIX socket named by ``$NOTIFY_SOCKET``
 (a leading ``@`` means Linux's abstract namespace). ``READY=1`` once the listeners are up,
 ``STOPPING=1`` at shutdown, ``STATUS=...`` for ``systemctl status``, ``WATCHDOG=1`` at half the
-``WatchdogSec=`` interval (``$WATCHDOG_USEC``). Without ``$NOTIFY_SOCKET`` every call does nothing.
+``WatchdogSec=`` interval (``$WATCHDOG_USEC``), and ``EXTEND_TIMEOUT_USEC=`` while a start runs long.
+Without ``$NOTIFY_SOCKET`` every call does nothing.
 
 Socket activation: systemd passes listening sockets as file descriptors 3, 4, ... and says how
 many in ``$LISTEN_FDS``, for the process ``$LISTEN_PID``.
@@ -14,10 +15,19 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Awaitable
+from functools import partial
+from typing import TypeVar
 
+from .pipeline import await_ticking
+
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 LISTEN_FDS_START = 3
+#: While a start goes on, systemd is asked every EXTEND_EVERY seconds to wait EXTENSION seconds more.
+EXTEND_EVERY = 10.0
+EXTENSION = 30.0
 
 
 def notify(*states: str) -> bool:
@@ -34,6 +44,16 @@ def notify(*states: str) -> bool:
         log.warning("sd_notify failed", extra={"notify_socket": address, "error": str(exc)})
         return False
     return True
+
+
+async def extending_start(work: Awaitable[T], status: str, every: float = EXTEND_EVERY,
+                          extension: float = EXTENSION) -> T:
+    """Await ``work``, asking systemd for more time (``EXTEND_TIMEOUT_USEC``) every ``every`` seconds
+    it runs. The recovery a start does after a crash (the store's garbage collection, the cleanup of
+    ended tasks) grows with the store and waits on S3: without this, ``TimeoutStartSec=`` would kill a
+    long start, and ``Restart=`` begin the same start again, for ever. A quick start sends nothing."""
+    return await await_ticking(work, every, partial(
+        notify, f"EXTEND_TIMEOUT_USEC={int(extension * 1_000_000)}", f"STATUS={status}"))
 
 
 def watchdog_interval() -> float | None:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import metrics
 from ..errors import Cancelled, VmiedError
-from ..pipeline import Progress, cancel_and_wait
+from ..pipeline import Progress, await_ticking, cancel_and_wait
 from .db import ACTIVE, COMPLETED, DELETED, DELETING, Catalog, Task
 
 if TYPE_CHECKING:
@@ -130,15 +130,7 @@ class TaskContext:
         response or a writer waiting for a free upload slot takes no extent: the flag is therefore
         also watched here.
         """
-        running = asyncio.ensure_future(work)
-        try:
-            while True:
-                done, _ = await asyncio.wait({running}, timeout=CANCEL_POLL)
-                if done:
-                    return running.result()
-                self.check()
-        finally:
-            await cancel_and_wait(running)
+        return await await_ticking(work, CANCEL_POLL, self.check)
 
     async def phase(self, message: str, percent: int | None, name: str | None = None) -> None:
         """Enter a phase: statusMessage ``message``, progress ``percent``; written to the database."""
