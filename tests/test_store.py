@@ -732,6 +732,25 @@ asyncio.run(main(sys.argv[1]))
 """
 
 
+async def test_garbage_collection_judges_every_snapshot_with_manifests_read_at_once(local: Backend,
+                                                                                    workers: Workers) -> None:
+    """More kept snapshots than the manifest cache holds, their manifests read several at a time: every
+    kept one stays whole and counts its grains, every other one goes."""
+    store = await local.store(workers, manifest_cache=1)
+    disks = {}
+    for n in range(24):
+        disks[f"snap-{n:02d}"] = disk = random_disk(random.Random(n), 512 * 1024, pieces=4)
+        await store.write(f"snap-{n:02d}", stream([Extent.of_data(0, bytes(disk))]), len(disk))
+    keep = {f"snap-{n:02d}" for n in range(0, 24, 3)}
+    removed = await store.collect_garbage(keep)
+    assert {key.split("/")[0] for key in removed} == set(disks) - keep
+    assert await store.snapshots() == sorted(keep)
+    assert REGISTRY.get_sample_value("vmied_store_grains") == sum(nonzero_grains(disks[k]) for k in keep)
+    for snapshot_id in sorted(keep):
+        assert await read_back(store, snapshot_id) == disks[snapshot_id]
+    await store.close()
+
+
 async def test_garbage_collection_after_a_killed_writer(backend: Backend, workers: Workers) -> None:
     """SIGKILL in the middle of a write (packs committed, a pack or a multipart upload open), then the start-up GC."""
     where = [str(backend.root)] if backend.server is None else [backend.server.endpoint, BUCKET, PREFIX]

@@ -76,6 +76,8 @@ BATCH_BYTES = 2 * MiB
 EXTENT_GRAINS = 64
 #: Largest single read(): the caller asks for a range of a disk, not the disk.
 MAX_READ = 256 * MiB
+#: Manifests read at once by the garbage collection, which reads every kept snapshot's at each start.
+GC_MANIFESTS_IN_FLIGHT = 16
 
 
 @dataclass(frozen=True)
@@ -392,35 +394,44 @@ class SnapshotStore:
         removed = await self.objects.abort_uploads(
             "", lambda key: key.split("/")[0] in self._writing or _store_key(key) is None)
         held_bytes = held_grains = 0
-        for snapshot_id, keys in sorted(by_snapshot.items()):
-            if snapshot_id in self._writing:
-                continue
-            wanted = await self._wanted(snapshot_id, keys) if snapshot_id in keep else set()
+
+        async def snapshots() -> AsyncIterator[tuple[str, list[str]]]:
+            for snapshot_id, keys in sorted(by_snapshot.items()):
+                if snapshot_id not in self._writing:
+                    yield snapshot_id, keys
+
+        async def judge(item: tuple[str, list[str]]) -> tuple[str, list[str], set[str], int]:
+            snapshot_id, keys = item
+            wanted, grains = await self._wanted(snapshot_id, keys) if snapshot_id in keep else (set(), 0)
+            return snapshot_id, keys, wanted, grains
+
+        async for snapshot_id, keys, wanted, grains in ordered_map(judge, snapshots(), GC_MANIFESTS_IN_FLIGHT):
             unwanted = [key for key in keys if key not in wanted]
             await self.objects.delete_many(unwanted)
             removed += unwanted
             if not wanted:
                 self._forget(snapshot_id)
             held_bytes += sum(sizes[key] for key in wanted)
-            cached = self._manifests.get(snapshot_id)
-            held_grains += cached.data_grains if cached is not None and wanted else 0
+            held_grains += grains
         STORE_BYTES.set(held_bytes)  # the store as it stands after the collection
         STORE_GRAINS.set(held_grains)
         if removed:
             log.info("snapshot store: collected %d objects", len(removed))
         return removed
 
-    async def _wanted(self, snapshot_id: str, keys: list[str]) -> set[str]:
+    async def _wanted(self, snapshot_id: str, keys: list[str]) -> tuple[set[str], int]:
+        """The keys of a kept snapshot that its manifest names, and its data grains (0 when unknown)."""
         manifest_key = f"{snapshot_id}/{MANIFEST_NAME}"
         if manifest_key not in keys:
             log.warning("snapshot %s has no manifest (an interrupted write): removing its packs", snapshot_id)
-            return set()
+            return set(), 0
         try:
             manifest = await self.manifest(snapshot_id)
         except (CorruptSnapshot, StorageError) as exc:
             log.warning("snapshot %s: cannot read its manifest (%s); leaving its objects", snapshot_id, exc)
-            return set(keys)
-        return {manifest_key, *(f"{snapshot_id}/{pack_name(n)}" for n in range(manifest.pack_count))}
+            return set(keys), 0
+        packs = {f"{snapshot_id}/{pack_name(n)}" for n in range(manifest.pack_count)}
+        return {manifest_key, *packs}, manifest.data_grains
 
     async def close(self) -> None:
         self._manifests.clear()
