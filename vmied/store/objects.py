@@ -16,7 +16,7 @@ import asyncio
 import errno
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -79,8 +79,13 @@ class Objects(ABC):
             await self.delete(key)
 
     @abstractmethod
+    def walk(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        """Every object whose key starts with ``prefix`` (partial local files included), in key order,
+        a page at a time: a listing of the whole store never has to fit in memory."""
+
     async def scan(self, prefix: str = "") -> list[ObjectInfo]:
-        """Every object whose key starts with ``prefix`` (partial local files included)."""
+        """:meth:`walk` as a list (for a prefix with few objects under it)."""
+        return [info async for info in self.walk(prefix)]
 
     async def abort_uploads(self, prefix: str, keep: Callable[[str], bool]) -> list[str]:
         """Abort unfinished uploads under ``prefix`` whose key ``keep`` refuses; local files have none."""
@@ -164,9 +169,13 @@ class LocalObjects(Objects):
         except OSError as exc:
             raise _local_error(self.root, exc, "delete") from None
 
-    async def scan(self, prefix: str = "") -> list[ObjectInfo]:
+    async def walk(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        """One top-level entry (a snapshot's directory) listed at a time."""
         try:
-            return await self._io(_walk, self.root, prefix)
+            for entry in await self._io(_entries, self.root):
+                if entry.startswith(prefix) or prefix.startswith(entry):
+                    for info in await self._io(_walk, self.root, entry.rstrip("/"), prefix):
+                        yield info
         except OSError as exc:
             raise _local_error(self.root, exc, "list") from None
 
@@ -222,18 +231,30 @@ def _unlink_and_prune(path: str, root: str) -> None:
             os.rmdir(directory)
 
 
-def _walk(root: str, prefix: str) -> list[ObjectInfo]:
+def _entries(root: str) -> list[str]:
+    """The top-level names, a directory's with a "/" after it, in the order of the keys under them."""
+    try:
+        with os.scandir(root) as entries:
+            return sorted(entry.name + "/" if entry.is_dir() else entry.name for entry in entries)
+    except FileNotFoundError:
+        return []
+
+
+def _walk(root: str, entry: str, prefix: str) -> list[ObjectInfo]:
+    """The objects at or under the top-level ``entry`` whose keys start with ``prefix``, in key order."""
+    path = os.path.join(root, entry)
+    if not os.path.isdir(path):
+        found = [(entry, path)]
+    else:
+        found = [(os.path.relpath(os.path.join(directory, name), root).replace(os.sep, "/"),
+                  os.path.join(directory, name)) for directory, _, files in os.walk(path) for name in files]
     out = []
-    for directory, _, files in os.walk(root):
-        relative = os.path.relpath(directory, root)
-        for name in files:
-            key = name if relative == "." else f"{relative.replace(os.sep, '/')}/{name}"
-            if key.startswith(prefix):
-                try:
-                    size = os.stat(os.path.join(directory, name)).st_size
-                except FileNotFoundError:
-                    continue
-                out.append(ObjectInfo(key, size))
+    for key, file in found:
+        if key.startswith(prefix):
+            try:
+                out.append(ObjectInfo(key, os.stat(file).st_size))
+            except FileNotFoundError:
+                continue
     return sorted(out, key=lambda info: info.key)
 
 
@@ -333,8 +354,8 @@ class S3Objects(Objects):
                                    f"{first_error.get('Key')}: {first_error.get('Code')} "
                                    f"{first_error.get('Message')})", reason="s3.error")
 
-    async def scan(self, prefix: str = "") -> list[ObjectInfo]:
-        out: list[ObjectInfo] = []
+    async def walk(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        """ListObjectsV2 pages (S3 lists keys in UTF-8 binary order)."""
         token: str | None = None
         while True:
             extra = {"ContinuationToken": token} if token else {}
@@ -344,10 +365,10 @@ class S3Objects(Objects):
                     Bucket=self.bucket, Prefix=self.prefix + prefix, MaxKeys=LIST_PAGE, **extra)
 
             page = await self._request("s3:ListBucket", prefix, list_page)
-            out.extend(ObjectInfo(str(item["Key"])[len(self.prefix):], int(item["Size"]))
-                       for item in page.get("Contents", []))
+            for item in page.get("Contents", []):
+                yield ObjectInfo(str(item["Key"])[len(self.prefix):], int(item["Size"]))
             if not page.get("IsTruncated"):
-                return out
+                return
             token = str(page["NextContinuationToken"])
 
     async def abort_uploads(self, prefix: str, keep: Callable[[str], bool]) -> list[str]:

@@ -27,7 +27,7 @@ import asyncio
 import logging
 from bisect import bisect_left
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -385,33 +385,22 @@ class SnapshotStore:
         snapshot whose manifest cannot be parsed is left whole (never delete on doubt). Snapshots
         being written by this store are left alone. Returns the keys removed.
         """
-        by_snapshot: dict[str, list[str]] = {}
-        sizes: dict[str, int] = {}
-        for info in await self.objects.scan():
-            if _store_key(info.key) is not None:
-                by_snapshot.setdefault(info.key.split("/")[0], []).append(info.key)
-                sizes[info.key] = info.size
         removed = await self.objects.abort_uploads(
             "", lambda key: key.split("/")[0] in self._writing or _store_key(key) is None)
         held_bytes = held_grains = 0
 
-        async def snapshots() -> AsyncIterator[tuple[str, list[str]]]:
-            for snapshot_id, keys in sorted(by_snapshot.items()):
-                if snapshot_id not in self._writing:
-                    yield snapshot_id, keys
+        async def judge(group: tuple[str, dict[str, int]]) -> tuple[str, dict[str, int], set[str], int]:
+            snapshot_id, sizes = group
+            wanted, grains = await self._wanted(snapshot_id, sizes) if snapshot_id in keep else (set(), 0)
+            return snapshot_id, sizes, wanted, grains
 
-        async def judge(item: tuple[str, list[str]]) -> tuple[str, list[str], set[str], int]:
-            snapshot_id, keys = item
-            wanted, grains = await self._wanted(snapshot_id, keys) if snapshot_id in keep else (set(), 0)
-            return snapshot_id, keys, wanted, grains
-
-        async for snapshot_id, keys, wanted, grains in ordered_map(judge, snapshots(), GC_MANIFESTS_IN_FLIGHT):
-            unwanted = [key for key in keys if key not in wanted]
+        async for snapshot_id, sizes, wanted, grains in ordered_map(judge, self._groups(), GC_MANIFESTS_IN_FLIGHT):
+            unwanted = [key for key in sizes if key not in wanted]
             await self.objects.delete_many(unwanted)
             removed += unwanted
             if not wanted:
                 self._forget(snapshot_id)
-            held_bytes += sum(sizes[key] for key in wanted)
+            held_bytes += sum(size for key, size in sizes.items() if key in wanted)
             held_grains += grains
         STORE_BYTES.set(held_bytes)  # the store as it stands after the collection
         STORE_GRAINS.set(held_grains)
@@ -419,19 +408,37 @@ class SnapshotStore:
             log.info("snapshot store: collected %d objects", len(removed))
         return removed
 
-    async def _wanted(self, snapshot_id: str, keys: list[str]) -> tuple[set[str], int]:
-        """The keys of a kept snapshot that its manifest names, and its data grains (0 when unknown)."""
-        manifest_key = f"{snapshot_id}/{MANIFEST_NAME}"
-        if manifest_key not in keys:
-            log.warning("snapshot %s has no manifest (an interrupted write): removing its packs", snapshot_id)
-            return set(), 0
+    async def _groups(self) -> AsyncIterator[tuple[str, dict[str, int]]]:
+        """The store's objects by snapshot (key: size), from a walk in key order, where a snapshot's keys
+        are adjacent: a store of any size is collected with one snapshot's keys in memory at a time.
+        Snapshots being written are left out. Were a listing ever out of order, a snapshot would come in
+        several groups; :meth:`_wanted` asks for the manifest itself, so none of them loses a pack."""
+        current, sizes = "", dict[str, int]()
+        async for info in self.objects.walk():
+            if _store_key(info.key) is None:
+                continue
+            snapshot_id = info.key.split("/")[0]
+            if snapshot_id != current:
+                if sizes and current not in self._writing:
+                    yield current, sizes
+                current, sizes = snapshot_id, {}
+            sizes[info.key] = info.size
+        if sizes and current not in self._writing:
+            yield current, sizes
+
+    async def _wanted(self, snapshot_id: str, keys: Iterable[str]) -> tuple[set[str], int]:
+        """The keys of a kept snapshot that its manifest names, and its data grains (0 when unknown):
+        none if it has no manifest (an interrupted write), all of ``keys`` if the manifest cannot be read."""
         try:
             manifest = await self.manifest(snapshot_id)
+        except SnapshotNotFound:
+            log.warning("snapshot %s has no manifest (an interrupted write): removing its packs", snapshot_id)
+            return set(), 0
         except (CorruptSnapshot, StorageError) as exc:
             log.warning("snapshot %s: cannot read its manifest (%s); leaving its objects", snapshot_id, exc)
             return set(keys), 0
         packs = {f"{snapshot_id}/{pack_name(n)}" for n in range(manifest.pack_count)}
-        return {manifest_key, *packs}, manifest.data_grains
+        return {f"{snapshot_id}/{MANIFEST_NAME}", *packs}, manifest.data_grains
 
     async def close(self) -> None:
         self._manifests.clear()
