@@ -4,6 +4,7 @@ the log line and metrics, paging and filters as real botocore clients and pagina
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 from typing import Any
@@ -129,6 +130,29 @@ async def test_handler_errors_become_ec2_errors() -> None:
         assert caught.value.response["Error"] == {
             "Code": "InvalidParameter", "Message": "VMDK grain table points past the end of the file"}
         assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+
+
+async def test_requests_over_the_limit_are_refused_with_503_request_limit_exceeded() -> None:
+    """One request in flight at most: a second one meanwhile gets 503 RequestLimitExceeded (what botocore
+    retries as throttling), and once the first has its answer the next is served again."""
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(ctx: RequestContext, params: dict[str, Any]) -> dict[str, Any]:
+        entered.set()
+        await release.wait()
+        return {"Images": []}
+
+    config = make_config()
+    config = dataclasses.replace(config, server=dataclasses.replace(config.server, max_requests=1))
+    async with ec2_server(config, {"DescribeImages": slow}) as server:
+        first = asyncio.ensure_future(signed_post(server, b"Action=DescribeImages&Version=2016-11-15"))
+        await entered.wait()
+        status, parsed, _ = await signed_post(server, b"Action=DescribeImages&Version=2016-11-15")
+        assert status == 503
+        assert parsed["Error"] == {"Code": "RequestLimitExceeded", "Message": "Request limit exceeded."}
+        release.set()
+        assert (await first)[0] == 200
+        assert (await signed_post(server, b"Action=DescribeImages&Version=2016-11-15"))[0] == 200
 
 
 @pytest.mark.parametrize("result", [{"NoSuchMember": 1}, {"Images": "not a list"}])

@@ -160,6 +160,9 @@ class ServerConfig:
     account_id: str = field(default="123456789012", metadata=meta(twelve_digits))
     grace_period: float = field(default=60.0, metadata=meta(at_least(0), "duration"))
     max_clock_skew: float = field(default=900.0, metadata=meta(at_least(0), "duration"))
+    #: EC2 API requests answered at once; more are refused with 503 RequestLimitExceeded, which the
+    #: AWS CLI and SDKs retry with backoff (a flood of clients must not grow the daemon without bound).
+    max_requests: int = field(default=256, metadata=meta(at_least(1)))
 
 
 @dataclass(frozen=True)

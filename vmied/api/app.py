@@ -99,6 +99,7 @@ class _Endpoint:
         self._operations = operations
         self._status_page = status_page
         self._clock = clock
+        self._in_flight = 0
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -114,7 +115,13 @@ class _Endpoint:
         started = time.monotonic()
         outcome = _Outcome()
         try:
-            body = await self._answer(request, request_id, outcome)
+            if self._in_flight >= self._config.server.max_requests:
+                raise ApiError("RequestLimitExceeded", "Request limit exceeded.")
+            self._in_flight += 1
+            try:
+                body = await self._answer(request, request_id, outcome)
+            finally:
+                self._in_flight -= 1
             status = 200
         except ApiError as error:
             outcome.code, status = error.code, error.status
