@@ -29,7 +29,6 @@ from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from .. import codec
 from ..errors import StorageError, UsageError
@@ -373,8 +372,8 @@ class SnapshotStore:
 
     async def snapshots(self) -> list[str]:
         """Ids of the complete snapshots (those whose manifest exists)."""
-        keys = _store_keys(await self.objects.scan())
-        return sorted(key.split("/")[0] for key, name in keys if name == MANIFEST_NAME)
+        return sorted([info.key.split("/")[0] async for info in self.objects.walk()
+                       if _store_key(info.key) == MANIFEST_NAME])
 
     async def collect_garbage(self, keep: set[str]) -> list[str]:
         """Remove the objects of snapshots not in ``keep`` and the leftovers of interrupted writes.
@@ -465,10 +464,6 @@ def _store_key(key: str) -> str | None:
     if name.startswith(".") and PARTIAL_MARK in name and "/" not in name:
         return name
     return None
-
-
-def _store_keys(infos: list[Any]) -> list[tuple[str, str]]:
-    return [(info.key, name) for info in infos if (name := _store_key(info.key)) is not None]
 
 
 # --- writing a snapshot ---------------------------------------------------------------------------
