@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from tests.helpers import convert_file, leftovers, qemu_img, random_layout, write_sparse_raw
 from vmied.errors import ImageError
+from vmied.formats.vhd import vhd_checksum
 from vmied.formats.vhdx import with_crc
 
 MiB = 1 << 20
@@ -58,21 +59,16 @@ def intact(name: str) -> bytes:
         return image.read_bytes()
 
 
-def vhd_checksum(structure: bytearray, at: int) -> None:
-    """The one's complement of the byte sum, with the checksum field counted as zero (VHD spec)."""
-    structure[at : at + 4] = bytes(4)
-    struct.pack_into(">I", structure, at, ~sum(structure) & 0xFFFFFFFF)
+#: (offset from the start or, negative, from the end; size; where its checksum is) of each checksummed
+#: VHD structure: the footer copy, the footer, the dynamic header.
+VHD_CHECKED = ((0, 512, 64), (-512, 512, 64), (512, 1024, 36))
 
 
 def fix_checksums(name: str, image: bytearray) -> None:
     if name.endswith(".vhd") and len(image) >= 1536:
-        for at in (0, len(image) - 512):
-            footer = image[at : at + 512]
-            vhd_checksum(footer, 64)
-            image[at : at + 512] = footer
-        header = image[512:1536]
-        vhd_checksum(header, 36)
-        image[512:1536] = header
+        for offset, size, checksum_at in VHD_CHECKED:
+            at = offset % len(image)
+            struct.pack_into(">I", image, at + checksum_at, vhd_checksum(image[at : at + size], checksum_at))
     if name.endswith(".vhdx"):
         for at, size in VHDX_CHECKED:
             if at + size <= len(image):
