@@ -174,7 +174,7 @@ class LocalObjects(Objects):
         try:
             for entry in await self._io(_entries, self.root):
                 if entry.startswith(prefix) or prefix.startswith(entry):
-                    for info in await self._io(_walk, self.root, entry.rstrip("/"), prefix):
+                    for info in await self._io(_walk, self.root, entry, prefix):
                         yield info
         except OSError as exc:
             raise _local_error(self.root, exc, "list") from None
@@ -241,9 +241,10 @@ def _entries(root: str) -> list[str]:
 
 
 def _walk(root: str, entry: str, prefix: str) -> list[ObjectInfo]:
-    """The objects at or under the top-level ``entry`` whose keys start with ``prefix``, in key order."""
-    path = os.path.join(root, entry)
-    if not os.path.isdir(path):
+    """The objects at or under the top-level ``entry`` (as :func:`_entries` names it) whose keys start
+    with ``prefix``, in key order."""
+    path = os.path.join(root, entry.rstrip("/"))
+    if not entry.endswith("/"):
         found = [(entry, path)]
     else:
         found = [(os.path.relpath(os.path.join(directory, name), root).replace(os.sep, "/"),
